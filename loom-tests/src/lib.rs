@@ -1,0 +1,1 @@
+//! Loom tests live in `tests/`; this library is intentionally empty.
