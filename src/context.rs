@@ -292,14 +292,20 @@ impl<M> CancelClaim<M> {
     /// `DRIVER_IRQL_NOT_LESS_OR_EQUAL` bug check. `context` must be the context the claim came from.
     #[track_caller]
     pub fn run(self, context: &RxContext<M>) -> CancelOutcome {
+        if let CancelClaim::Routine(_) = self {
+            irql::require_at_most(
+                Irql::APC,
+                "minirdr cancel routine called at DISPATCH_LEVEL or above",
+            );
+        }
+        self.run_checked(context)
+    }
+
+    /// [`run`](Self::run) for a caller that has already checked the IRQL, so a violation is
+    /// reported once, not twice.
+    fn run_checked(self, context: &RxContext<M>) -> CancelOutcome {
         match self {
-            CancelClaim::Routine(routine) => {
-                irql::require_at_most(
-                    Irql::APC,
-                    "minirdr cancel routine called at DISPATCH_LEVEL or above",
-                );
-                CancelOutcome::RoutineCalled(routine(context))
-            }
+            CancelClaim::Routine(routine) => CancelOutcome::RoutineCalled(routine(context)),
             CancelClaim::NoRoutineArmed => CancelOutcome::NoRoutineArmed,
             CancelClaim::AlreadyCancelled => CancelOutcome::AlreadyCancelled,
         }
@@ -418,11 +424,13 @@ impl<M> RxContext<M> {
     }
 
     /// The flag word, as one atomic snapshot.
+    #[inline]
     pub fn flags(&self) -> ContextFlags {
         ContextFlags::from_bits_retain(self.flags.load(Ordering::Acquire))
     }
 
     /// Whether `RX_CONTEXT_FLAG_CANCELLED` is set.
+    #[inline]
     pub fn is_cancelled(&self) -> bool {
         self.flags().contains(ContextFlags::CANCELLED)
     }
@@ -498,23 +506,24 @@ impl<M> RxContext<M> {
     /// assert_eq!(ctx.set_minirdr_cancel_routine(None), Err(Cancelled));
     /// ```
     #[doc(alias = "RxSetMinirdrCancelRoutine")]
+    #[inline]
     #[track_caller]
     pub fn set_minirdr_cancel_routine(
         &self,
         routine: Option<CancelRoutine<M>>,
     ) -> Result<(), Cancelled> {
-        irql::require_at_most(
+        let now = irql::require_at_most(
             Irql::APC,
             "RxSetMinirdrCancelRoutine called above APC_LEVEL",
         );
-        self.store_routine(routine)
+        self.store_routine(now, routine)
     }
 
     #[cfg(not(rdbss_mutant = "arm_check_outside_lock"))]
     #[inline]
-    fn store_routine(&self, routine: Option<CancelRoutine<M>>) -> Result<(), Cancelled> {
+    fn store_routine(&self, now: Irql, routine: Option<CancelRoutine<M>>) -> Result<(), Cancelled> {
         // Invariant 1: the check and the store are one step under the lock.
-        let mut slot = self.cancel_slot.lock();
+        let mut slot = self.cancel_slot.lock_from(now);
         if self.is_cancelled() {
             // Invariant 2: nothing stored.
             return Err(Cancelled);
@@ -527,11 +536,11 @@ impl<M> RxContext<M> {
     /// between the check and the store and the armed routine is never called.
     #[cfg(rdbss_mutant = "arm_check_outside_lock")]
     #[inline]
-    fn store_routine(&self, routine: Option<CancelRoutine<M>>) -> Result<(), Cancelled> {
+    fn store_routine(&self, now: Irql, routine: Option<CancelRoutine<M>>) -> Result<(), Cancelled> {
         if self.is_cancelled() {
             return Err(Cancelled);
         }
-        let mut slot = self.cancel_slot.lock();
+        let mut slot = self.cancel_slot.lock_from(now);
         *slot = routine;
         Ok(())
     }
@@ -580,7 +589,7 @@ impl<M> RxContext<M> {
             Irql::APC,
             "RX_CONTEXT cancel (runs the minirdr routine) called at DISPATCH_LEVEL or above",
         );
-        self.claim_cancel().run(self)
+        self.claim_cancel().run_checked(self)
     }
 }
 

@@ -13,8 +13,9 @@
 //! - with `std` (the default): a thread-local per OS thread, starting at `PASSIVE_LEVEL`;
 //! - under `--cfg loom`: a loom thread-local, so each modelled thread starts at `PASSIVE_LEVEL`;
 //! - without `std`: an embedder-provided [`ProcessorHook`] installed once with
-//!   [`install_processor_hook`]; until then a single emulated processor whose IRQL is one global
-//!   (the right model for a single-core target where "thread" means "interrupt nesting level").
+//!   `install_processor_hook` (only without `std`); until then a single emulated processor whose
+//!   IRQL is one global (the right model for a single-core target where "thread" means
+//!   "interrupt nesting level").
 //!
 //! # Invariants
 //!
@@ -105,10 +106,10 @@ impl fmt::Debug for Irql {
 
 /// Where a `no_std` embedder keeps the current IRQL and processor identity.
 ///
-/// Install one with [`install_processor_hook`] before the first IRQL operation. Implementations
-/// must return the calling processor's own state: `current_irql` must return what the last
-/// `set_current_irql` on the same processor stored, and `current_processor` a non-zero id that is
-/// distinct for processors that can run concurrently.
+/// Install one with `install_processor_hook` (only without `std`) before the first IRQL operation.
+/// Implementations must return the calling processor's own state: `current_irql` must return what
+/// the last `set_current_irql` on the same processor stored, and `current_processor` a non-zero id
+/// that is distinct for processors that can run concurrently.
 pub trait ProcessorHook: Sync {
     /// The calling processor's current IRQL.
     fn current_irql(&self) -> Irql;
@@ -128,7 +129,8 @@ impl ProcessorHook for Uniprocessor {
         Irql(self.0.load(crate::sync::untracked::Ordering::Acquire))
     }
     fn set_current_irql(&self, irql: Irql) {
-        self.0.store(irql.0, crate::sync::untracked::Ordering::Release);
+        self.0
+            .store(irql.0, crate::sync::untracked::Ordering::Release);
     }
     fn current_processor(&self) -> usize {
         1
@@ -201,22 +203,15 @@ fn set_current(irql: Irql) {
     }
 }
 
-/// A non-zero id of the calling emulated processor (`KeGetCurrentProcessorNumber` + 1).
+/// A non-zero id of the calling emulated processor.
+///
+/// With `std` (and under loom) it is the address of the thread's processor record, which is
+/// unique among live threads and costs no memory access to compute.
 #[inline]
 pub fn current_processor() -> usize {
     #[cfg(any(feature = "std", loom))]
     {
-        use crate::sync::untracked::{AtomicUsize, Ordering};
-        static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
-        crate::sync::with_thread_cpu(|cpu| {
-            let id = cpu.id.get();
-            if id != 0 {
-                return id;
-            }
-            let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
-            cpu.id.set(id);
-            id
-        })
+        crate::sync::with_thread_cpu(|cpu| cpu as *const crate::sync::ThreadCpu as usize)
     }
     #[cfg(not(any(feature = "std", loom)))]
     {
@@ -229,15 +224,23 @@ pub fn current_processor() -> usize {
 /// Raising to a level below the current one is the `IRQL_NOT_GREATER_OR_EQUAL` bug check.
 /// Prefer [`raise`], whose guard restores the level.
 #[doc(alias = "KeRaiseIrql")]
+#[inline]
 #[track_caller]
 pub fn raise_raw(new: Irql) -> Irql {
-    let old = current();
+    raise_from(current(), new)
+}
+
+/// [`raise_raw`] for a caller that has just read the current IRQL (`old`): saves a re-read on
+/// the spin-lock hot path.
+#[inline]
+#[track_caller]
+pub(crate) fn raise_from(old: Irql, new: Irql) -> Irql {
     if new < old {
-        bugcheck::report(BugCheck {
-            code: BugCheckCode::IRQL_NOT_GREATER_OR_EQUAL,
-            parameters: [old.0 as usize, new.0 as usize, 0, 0],
-            description: "KeRaiseIrql to a level below the current IRQL",
-        });
+        report_cold(
+            BugCheckCode::IRQL_NOT_GREATER_OR_EQUAL,
+            [old.0 as usize, new.0 as usize, 0, 0],
+            "KeRaiseIrql to a level below the current IRQL",
+        );
     }
     // Invariant 3: the change happens even when the violation was only recorded.
     set_current(new);
@@ -248,17 +251,36 @@ pub fn raise_raw(new: Irql) -> Irql {
 ///
 /// Lowering to a level above the current one is the `IRQL_NOT_LESS_OR_EQUAL` bug check.
 #[doc(alias = "KeLowerIrql")]
+#[inline]
 #[track_caller]
 pub fn lower(new: Irql) {
-    let old = current();
+    lower_from(current(), new);
+}
+
+/// [`lower`] for a caller that has just read the current IRQL (`old`).
+#[inline]
+#[track_caller]
+fn lower_from(old: Irql, new: Irql) {
     if new > old {
-        bugcheck::report(BugCheck {
-            code: BugCheckCode::IRQL_NOT_LESS_OR_EQUAL,
-            parameters: [old.0 as usize, new.0 as usize, 0, 0],
-            description: "KeLowerIrql to a level above the current IRQL",
-        });
+        report_cold(
+            BugCheckCode::IRQL_NOT_LESS_OR_EQUAL,
+            [old.0 as usize, new.0 as usize, 0, 0],
+            "KeLowerIrql to a level above the current IRQL",
+        );
     }
     set_current(new);
+}
+
+/// The slow path of every IRQL check, kept out of line so the checks inline to a compare.
+#[cold]
+#[inline(never)]
+#[track_caller]
+fn report_cold(code: BugCheckCode, parameters: [usize; 4], description: &'static str) {
+    bugcheck::report(BugCheck {
+        code,
+        parameters,
+        description,
+    });
 }
 
 /// Raises to `new` and returns a guard that lowers back to the saved level when dropped.
@@ -273,10 +295,18 @@ pub fn lower(new: Irql) {
 /// }
 /// assert_eq!(irql::current(), Irql::PASSIVE);
 /// ```
+#[inline]
 #[track_caller]
 pub fn raise(new: Irql) -> IrqlGuard {
+    raise_guard_from(current(), new)
+}
+
+/// [`raise`] for a caller that has just read the current IRQL (`old`).
+#[inline]
+#[track_caller]
+pub(crate) fn raise_guard_from(old: Irql, new: Irql) -> IrqlGuard {
     IrqlGuard {
-        saved: raise_raw(new),
+        saved: raise_from(old, new),
         _not_send: core::marker::PhantomData,
     }
 }
@@ -296,19 +326,23 @@ impl IrqlGuard {
 }
 
 impl Drop for IrqlGuard {
+    #[inline]
     fn drop(&mut self) {
-        if crate::sync::panicking() {
-            // Invariant 4: no second bug check while unwinding.
+        let now = current();
+        // Invariant 4: no second bug check while unwinding (only asked on the violation path).
+        if self.saved > now && crate::sync::panicking() {
             set_current(self.saved);
         } else {
-            lower(self.saved);
+            lower_from(now, self.saved);
         }
     }
 }
 
 impl fmt::Debug for IrqlGuard {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IrqlGuard").field("saved", &self.saved).finish()
+        f.debug_struct("IrqlGuard")
+            .field("saved", &self.saved)
+            .finish()
     }
 }
 
@@ -316,15 +350,16 @@ impl fmt::Debug for IrqlGuard {
 ///
 /// Above it, this is the `DRIVER_IRQL_NOT_LESS_OR_EQUAL` bug check (parameters: 0, current IRQL,
 /// `max`, 0). Returns the current IRQL.
+#[inline]
 #[track_caller]
 pub fn require_at_most(max: Irql, routine: &'static str) -> Irql {
     let now = current();
     if now > max {
-        bugcheck::report(BugCheck {
-            code: BugCheckCode::DRIVER_IRQL_NOT_LESS_OR_EQUAL,
-            parameters: [0, now.0 as usize, max.0 as usize, 0],
-            description: routine,
-        });
+        report_cold(
+            BugCheckCode::DRIVER_IRQL_NOT_LESS_OR_EQUAL,
+            [0, now.0 as usize, max.0 as usize, 0],
+            routine,
+        );
     }
     now
 }
@@ -334,15 +369,16 @@ pub fn require_at_most(max: Irql, routine: &'static str) -> Irql {
 /// At or above DISPATCH this is the `IRQL_NOT_LESS_OR_EQUAL` bug check (parameters: 0, current
 /// IRQL, 0, 0). `what` names the wait, e.g. `"KeWaitForSingleObject"`.
 #[doc(alias = "KeWaitForSingleObject")]
+#[inline]
 #[track_caller]
 pub fn require_can_wait(what: &'static str) -> Irql {
     let now = current();
     if now >= Irql::DISPATCH {
-        bugcheck::report(BugCheck {
-            code: BugCheckCode::IRQL_NOT_LESS_OR_EQUAL,
-            parameters: [0, now.0 as usize, 0, 0],
-            description: what,
-        });
+        report_cold(
+            BugCheckCode::IRQL_NOT_LESS_OR_EQUAL,
+            [0, now.0 as usize, 0, 0],
+            what,
+        );
     }
     now
 }

@@ -39,7 +39,12 @@
 
 #![no_std]
 #![deny(unsafe_op_in_unsafe_fn)]
-#![warn(missing_docs, clippy::std_instead_of_core, clippy::std_instead_of_alloc)]
+#![warn(
+    missing_docs,
+    clippy::std_instead_of_core,
+    clippy::std_instead_of_alloc,
+    clippy::undocumented_unsafe_blocks
+)]
 
 extern crate alloc;
 #[cfg(any(feature = "std", loom))]
@@ -60,3 +65,8 @@ pub use context::{
 pub use irql::Irql;
 pub use spinlock::{KSpinLock, KSpinLockGuard};
 pub use status::NtStatus;
+
+/// README.md's examples, compiled and run as doctests so the README stays true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

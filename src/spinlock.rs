@@ -12,9 +12,12 @@
 //!    and only the holder clears it, so a processor that reads its own id there holds the lock: that
 //!    is the `SPIN_LOCK_ALREADY_OWNED` bug check, raised instead of spinning forever.
 //! 3. A guard is not `Send`: the processor that raised the IRQL is the one that restores it.
+//! 4. A guard's inner mutex guard and IRQL guard are live from construction until its `drop`,
+//!    which drops each exactly once, in the order of invariant 1; nothing touches them afterwards.
 
 use core::fmt;
 use core::marker::PhantomData;
+use core::mem::ManuallyDrop;
 use core::ops::{Deref, DerefMut};
 
 use crate::bugcheck::{self, BugCheck, BugCheckCode};
@@ -69,27 +72,37 @@ impl<T> KSpinLock<T> {
     /// Bug checks: `SPIN_LOCK_ALREADY_OWNED` if this processor holds it already (fatal under every
     /// policy: going on would spin forever); `IRQL_NOT_GREATER_OR_EQUAL` if called above DISPATCH.
     #[doc(alias = "KeAcquireSpinLock")]
+    #[inline]
     #[track_caller]
     pub fn lock(&self) -> KSpinLockGuard<'_, T> {
+        self.lock_from(irql::current())
+    }
+
+    /// [`lock`](Self::lock) for a caller that has just read the current IRQL (`now`).
+    #[inline]
+    #[track_caller]
+    pub(crate) fn lock_from(&self, now: Irql) -> KSpinLockGuard<'_, T> {
         let me = irql::current_processor();
         // Invariant 2: only we could have stored our own id.
         if self.owner.load(Ordering::Relaxed) == me {
-            bugcheck::report(BugCheck {
-                code: BugCheckCode::SPIN_LOCK_ALREADY_OWNED,
-                parameters: [self as *const Self as usize, me, 0, 0],
-                description: "KeAcquireSpinLock on a lock this processor already holds",
-            });
+            self.already_owned(me);
         }
         // Invariant 1: raise first (the IRQL check), then spin.
-        let irql = irql::raise(Irql::DISPATCH);
+        let irql = irql::raise_guard_from(now, Irql::DISPATCH);
         let inner = self.inner.lock();
         self.owner.store(me, Ordering::Relaxed);
-        KSpinLockGuard {
-            lock: self,
-            inner: Some(inner),
-            irql: Some(irql),
-            _not_send: PhantomData,
-        }
+        KSpinLockGuard::new(self, inner, irql)
+    }
+
+    #[cold]
+    #[inline(never)]
+    #[track_caller]
+    fn already_owned(&self, me: usize) {
+        bugcheck::report(BugCheck {
+            code: BugCheckCode::SPIN_LOCK_ALREADY_OWNED,
+            parameters: [self as *const Self as usize, me, 0, 0],
+            description: "KeAcquireSpinLock on a lock this processor already holds",
+        });
     }
 
     /// Acquires the lock if it is free (`KeTryToAcquireSpinLockAtDpcLevel`-like), else `None`.
@@ -102,12 +115,7 @@ impl<T> KSpinLock<T> {
         let irql = irql::raise(Irql::DISPATCH);
         let inner = self.inner.try_lock()?;
         self.owner.store(me, Ordering::Relaxed);
-        Some(KSpinLockGuard {
-            lock: self,
-            inner: Some(inner),
-            irql: Some(irql),
-            _not_send: PhantomData,
-        })
+        Some(KSpinLockGuard::new(self, inner, irql))
     }
 
     /// Whether the calling processor holds this lock.
@@ -145,40 +153,56 @@ impl<T> fmt::Debug for KSpinLock<T> {
 #[must_use = "dropping the guard releases the lock at once"]
 pub struct KSpinLockGuard<'a, T> {
     lock: &'a KSpinLock<T>,
-    // Both are `Some` until `drop`, which takes them in the order invariant 1 requires.
-    inner: Option<MutexGuard<'a, T>>,
-    irql: Option<IrqlGuard>,
+    // Invariant 4: live until `drop`, which drops each once, in the order of invariant 1.
+    inner: ManuallyDrop<MutexGuard<'a, T>>,
+    irql: ManuallyDrop<IrqlGuard>,
     _not_send: PhantomData<*const ()>,
 }
 
-impl<T> KSpinLockGuard<'_, T> {
+impl<'a, T> KSpinLockGuard<'a, T> {
+    #[inline]
+    fn new(lock: &'a KSpinLock<T>, inner: MutexGuard<'a, T>, irql: IrqlGuard) -> Self {
+        KSpinLockGuard {
+            lock,
+            inner: ManuallyDrop::new(inner),
+            irql: ManuallyDrop::new(irql),
+            _not_send: PhantomData,
+        }
+    }
+
     /// The IRQL that releasing the lock restores.
     pub fn saved_irql(&self) -> Irql {
-        self.irql.as_ref().map_or(Irql::PASSIVE, IrqlGuard::saved)
+        self.irql.saved()
     }
 }
 
 impl<T> Deref for KSpinLockGuard<'_, T> {
     type Target = T;
+    #[inline]
     fn deref(&self) -> &T {
-        // Invariant: `inner` is only taken in `drop`.
-        self.inner.as_deref().expect("guard used after release")
+        &self.inner
     }
 }
 
 impl<T> DerefMut for KSpinLockGuard<'_, T> {
+    #[inline]
     fn deref_mut(&mut self) -> &mut T {
-        self.inner.as_deref_mut().expect("guard used after release")
+        &mut self.inner
     }
 }
 
 impl<T> Drop for KSpinLockGuard<'_, T> {
     #[doc(alias = "KeReleaseSpinLock")]
+    #[inline]
     fn drop(&mut self) {
         // Invariant 1, reversed: forget the owner, free the lock, then lower the IRQL.
         self.lock.owner.store(0, Ordering::Relaxed);
-        drop(self.inner.take());
-        drop(self.irql.take());
+        // SAFETY: invariant 4. `inner` was initialised in `new`, is dropped only here, and this
+        // guard is never used again after `drop` returns.
+        unsafe { ManuallyDrop::drop(&mut self.inner) };
+        // SAFETY: invariant 4, as for `inner`; dropped after it, so the IRQL is restored only once
+        // the lock is free.
+        unsafe { ManuallyDrop::drop(&mut self.irql) };
     }
 }
 

@@ -191,8 +191,14 @@ mod tests {
         extern crate alloc;
         use alloc::format;
         assert_eq!(format!("{}", NtStatus::NOT_FOUND), "STATUS_NOT_FOUND");
-        assert_eq!(format!("{}", NtStatus::from_code(0xC000_1234)), "0xC0001234");
-        assert_eq!(format!("{:?}", NtStatus::CANCELLED), "STATUS_CANCELLED(0xC0000120)");
+        assert_eq!(
+            format!("{}", NtStatus::from_code(0xC000_1234)),
+            "0xC0001234"
+        );
+        assert_eq!(
+            format!("{:?}", NtStatus::CANCELLED),
+            "STATUS_CANCELLED(0xC0000120)"
+        );
         assert_eq!(NtStatus::CANCELLED.0, -1_073_741_536);
     }
 }

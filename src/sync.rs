@@ -52,7 +52,9 @@ impl<T> Mutex<T> {
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
         // A loom mutex is only poisoned if a thread panicked while holding it, and a panic
         // already fails the loom test that caused it.
-        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
@@ -72,28 +74,22 @@ impl<T> Mutex<T> {
     }
 }
 
-/// One emulated processor's state: a thread is a processor.
+/// One emulated processor's state: a thread is a processor, and the address of its record is the
+/// processor's id (non-zero, unique among live threads).
 #[cfg(any(feature = "std", loom))]
 pub(crate) struct ThreadCpu {
     /// The current IRQL, as its Windows number.
     pub(crate) irql: core::cell::Cell<u8>,
-    /// This processor's id, 0 until first asked for (ids start at 1, 0 means "no owner").
-    pub(crate) id: core::cell::Cell<usize>,
 }
 
 #[cfg(all(feature = "std", not(loom)))]
 std::thread_local! {
-    static THREAD_CPU: ThreadCpu = const {
-        ThreadCpu { irql: core::cell::Cell::new(0), id: core::cell::Cell::new(0) }
-    };
+    static THREAD_CPU: ThreadCpu = const { ThreadCpu { irql: core::cell::Cell::new(0) } };
 }
 
 #[cfg(loom)]
 loom::thread_local! {
-    static THREAD_CPU: ThreadCpu = ThreadCpu {
-        irql: core::cell::Cell::new(0),
-        id: core::cell::Cell::new(0),
-    };
+    static THREAD_CPU: ThreadCpu = ThreadCpu { irql: core::cell::Cell::new(0) };
 }
 
 /// Runs `f` on the calling thread's emulated processor (invariant 3).
