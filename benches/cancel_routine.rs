@@ -29,7 +29,8 @@
 //! since the benchmark started), so stale results from an earlier run never make a ratio. When no
 //! fresh estimates exist (criterion's `--test` mode, `--list`, `--profile-time`, a filter that
 //! skips a benchmark, `--discard-baseline`, `--load-baseline` or `cargo criterion`) the ratios are
-//! reported as unavailable.
+//! reported as unavailable. (The estimate-reading code lives in `benches/common/mod.rs`, shared
+//! with the `cancel_by_id` benchmark.)
 //!
 //! # Running
 //!
@@ -44,17 +45,17 @@
 //! Every criterion command-line option works as usual. The machine should be otherwise idle and
 //! have at least two cores, or `arm_disarm_contended` measures time-slicing rather than interference.
 
-use std::ffi::OsString;
+mod common;
+
 use std::future::Future;
 use std::hint::black_box;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::pin::pin;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Context, Waker};
 use std::thread;
-use std::time::SystemTime;
 
+use common::{Median, Snapshot};
 use criterion::Criterion;
 use rdbss::{CancelOutcome, CancelRoutine, MajorFunction, NtStatus, RxContext};
 use tokio_util::sync::CancellationToken;
@@ -246,143 +247,10 @@ fn run_benchmarks(c: &mut Criterion) {
     group.finish();
 }
 
-/// The directories criterion 0.8 may write to, in its own order of preference
-/// (`default_output_directory` in criterion's `lib.rs`), then fallbacks, without duplicates.
-fn criterion_homes() -> Vec<PathBuf> {
-    let cwd = std::env::current_dir().unwrap_or_default();
-    let mut homes = Vec::new();
-    let mut add = |path: PathBuf| {
-        let path = cwd.join(path);
-        if !homes.contains(&path) {
-            homes.push(path);
-        }
-    };
-    if let Some(home) = std::env::var_os("CRITERION_HOME") {
-        add(PathBuf::from(home));
-    }
-    if let Some(target) = std::env::var_os("CARGO_TARGET_DIR") {
-        add(PathBuf::from(target).join("criterion"));
-    }
-    if let Some(target) = cargo_metadata_target_dir() {
-        add(target.join("criterion"));
-    }
-    add(PathBuf::from("target/criterion"));
-    add(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/criterion"));
-    homes
-}
-
-/// `target_directory` from `$CARGO metadata`, as criterion asks for it (cargo sets `$CARGO` when it
-/// runs a benchmark).
-fn cargo_metadata_target_dir() -> Option<PathBuf> {
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| OsString::from("cargo"));
-    let output = Command::new(cargo)
-        .args([
-            "metadata",
-            "--format-version",
-            "1",
-            "--no-deps",
-            "--offline",
-        ])
-        .output()
-        .ok()?;
-    let metadata: serde_json::Value = serde_json::from_slice(&output.stdout).ok()?;
-    metadata["target_directory"].as_str().map(PathBuf::from)
-}
-
-fn estimates_file(home: &Path, benchmark: &str) -> PathBuf {
-    home.join(GROUP)
-        .join(benchmark)
-        .join("new")
-        .join("estimates.json")
-}
-
-fn modified(path: &Path) -> Option<SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
-}
-
-/// When each candidate `estimates.json` was last written, taken before anything runs.
-struct Snapshot {
-    homes: Vec<PathBuf>,
-    before: Vec<Vec<Option<SystemTime>>>,
-}
-
-impl Snapshot {
-    fn take() -> Snapshot {
-        let homes = criterion_homes();
-        let before = homes
-            .iter()
-            .map(|home| {
-                BENCHMARKS
-                    .iter()
-                    .map(|b| modified(&estimates_file(home, b)))
-                    .collect()
-            })
-            .collect();
-        Snapshot { homes, before }
-    }
-
-    /// The median (ns) and its confidence interval that this run wrote for `benchmark`, and where.
-    fn fresh_median(&self, benchmark: &str) -> Option<(Median, PathBuf)> {
-        let index = BENCHMARKS.iter().position(|b| *b == benchmark)?;
-        self.homes
-            .iter()
-            .zip(&self.before)
-            .find_map(|(home, before)| {
-                let path = estimates_file(home, benchmark);
-                let now = modified(&path)?;
-                // Written by this run: it did not exist before, or it has changed since.
-                if before[index].is_some_and(|then| now <= then) {
-                    return None;
-                }
-                Some((read_median(&path)?, path))
-            })
-    }
-}
-
-#[derive(Clone, Copy)]
-struct Median {
-    ns: f64,
-    lower: f64,
-    upper: f64,
-    confidence: f64,
-}
-
-fn read_median(path: &Path) -> Option<Median> {
-    let text = std::fs::read(path).ok()?;
-    let estimates: serde_json::Value = serde_json::from_slice(&text).ok()?;
-    let median = &estimates["median"];
-    let interval = &median["confidence_interval"];
-    Some(Median {
-        ns: median["point_estimate"].as_f64()?,
-        lower: interval["lower_bound"].as_f64().unwrap_or(f64::NAN),
-        upper: interval["upper_bound"].as_f64().unwrap_or(f64::NAN),
-        confidence: interval["confidence_level"].as_f64().unwrap_or(f64::NAN),
-    })
-}
-
-/// Why this invocation measures nothing, if criterion's command line says so (criterion decides
-/// test mode the same way: `--test`, or no `--bench`, which `cargo test --benches` omits).
-fn no_measurement_reason() -> Option<&'static str> {
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let has = |flag: &str| args.iter().any(|a| a == flag);
-    if has("--list") {
-        Some("--list only lists the benchmarks")
-    } else if has("--test") || !has("--bench") {
-        Some("criterion's test mode runs each benchmark once and measures nothing")
-    } else if args
-        .iter()
-        .any(|a| a.to_str().is_some_and(|a| a.starts_with("--profile-time")))
-    {
-        Some("--profile-time iterates without analysis and saves no estimates")
-    } else {
-        None
-    }
-}
-
 fn report(snapshot: &Snapshot) {
     println!();
     println!("{GROUP} summary: criterion median point estimates of this run");
-    if let Some(reason) = no_measurement_reason() {
+    if let Some(reason) = common::no_measurement_reason() {
         println!("  ratios unavailable: {reason}");
         return;
     }
@@ -437,17 +305,12 @@ fn report(snapshot: &Snapshot) {
         .iter()
         .find_map(|(_, f)| f.as_ref().map(|(_, path)| path));
     // <home>/cancel_routine/<benchmark>/new/estimates.json
-    if let Some(home) = source.and_then(|path| path.ancestors().nth(4)) {
+    if let Some(home) = source.and_then(|path| common::home_of(path)) {
         println!("  (estimates read from {})", home.display());
     } else {
         println!(
             "  no fresh estimates found under: {}",
-            snapshot
-                .homes
-                .iter()
-                .map(|h| h.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
+            snapshot.homes_list()
         );
         println!(
             "  (a filter that skipped benchmarks, --discard-baseline, --load-baseline or \
@@ -457,23 +320,13 @@ fn report(snapshot: &Snapshot) {
     if misses > 0 {
         println!("  {misses} target(s) missed (reported only; a noisy machine can cause this)");
     }
-    let cpus = thread::available_parallelism().map_or(0, |n| n.get());
-    // Linux only: other load makes the contended measurement time-slice with the canceller.
-    match std::fs::read_to_string("/proc/loadavg") {
-        Ok(load) => println!(
-            "  machine: {cpus} CPU(s), load average (1/5/15 min) {}",
-            load.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
-        Err(_) => println!("  machine: {cpus} CPU(s)"),
-    }
+    // Other load makes the contended measurement time-slice with the canceller.
+    common::print_machine();
 }
 
 fn main() {
     // Before anything runs: which estimates already exist, so only this run's count.
-    let snapshot = Snapshot::take();
+    let snapshot = Snapshot::take(GROUP, &BENCHMARKS);
     let mut criterion = Criterion::default().configure_from_args();
     run_benchmarks(&mut criterion);
     criterion.final_summary();

@@ -38,13 +38,24 @@
 //! 6. **Atomic flag word.** Every flag update is a single `fetch_or` / `fetch_and`, so concurrent
 //!    updates of different bits never lose one another (the original RDBSS did a plain
 //!    read-modify-write of `Flags` and could lose `CANCELLED`).
+//! 7. **Completed once.** `completion` goes from pending to completed once, by compare-exchange;
+//!    a second completion is the `MULTIPLE_IRP_COMPLETE_REQUESTS` bug check and changes nothing
+//!    (the first status and information stay).
+//! 8. **Blocked link.** The slot's `blocked` link (the serialisation queue a blocked operation
+//!    waits in) is set by `BlockedQueue::enqueue` and taken by whoever holds that queue's lock
+//!    and gets there first: `resume_blocked_operations_serially` or the cancel of the operation.
+//!    Lock order: a blocked queue's lock, then the context's slot lock; `claim_cancel` never holds
+//!    both at once for one context (it re-takes them in that order), so there is no cycle.
 
+use alloc::sync::Arc;
 use core::fmt;
 
+use crate::blocked::{self, BlockedShared, BlockedState};
+use crate::bugcheck::{self, BugCheck, BugCheckCode};
 use crate::irql::{self, Irql};
 use crate::spinlock::KSpinLock;
 use crate::status::NtStatus;
-use crate::sync::{AtomicI32, AtomicU32, Ordering};
+use crate::sync::{AtomicI32, AtomicU32, AtomicU8, AtomicUsize, Ordering};
 
 bitflags::bitflags! {
     /// `RX_CONTEXT_FLAGS`: the context's flag word, with the values of `rxcontx.h`.
@@ -258,6 +269,9 @@ pub enum CancelOutcome {
     RoutineCalled(NtStatus),
     /// This call cancelled the context; no routine was armed, so none was called.
     NoRoutineArmed,
+    /// This call cancelled a blocked (serialised) operation: it was unlinked from its queue and
+    /// completed with `STATUS_CANCELLED`.
+    BlockedOperationCancelled,
     /// The context had already been cancelled; nothing happened.
     AlreadyCancelled,
 }
@@ -281,6 +295,9 @@ pub enum CancelClaim<M = ()> {
     Routine(CancelRoutine<M>),
     /// The context was cancelled by this claim; no routine was armed.
     NoRoutineArmed,
+    /// The context was cancelled by this claim and was a blocked operation, which the claim
+    /// unlinked and completed with `STATUS_CANCELLED` (allowed at DISPATCH: spin locks only).
+    BlockedOperationCancelled,
     /// The context had already been cancelled.
     AlreadyCancelled,
 }
@@ -307,6 +324,7 @@ impl<M> CancelClaim<M> {
         match self {
             CancelClaim::Routine(routine) => CancelOutcome::RoutineCalled(routine(context)),
             CancelClaim::NoRoutineArmed => CancelOutcome::NoRoutineArmed,
+            CancelClaim::BlockedOperationCancelled => CancelOutcome::BlockedOperationCancelled,
             CancelClaim::AlreadyCancelled => CancelOutcome::AlreadyCancelled,
         }
     }
@@ -317,6 +335,7 @@ impl<M> fmt::Debug for CancelClaim<M> {
         f.write_str(match self {
             CancelClaim::Routine(_) => "Routine(..)",
             CancelClaim::NoRoutineArmed => "NoRoutineArmed",
+            CancelClaim::BlockedOperationCancelled => "BlockedOperationCancelled",
             CancelClaim::AlreadyCancelled => "AlreadyCancelled",
         })
     }
@@ -344,14 +363,42 @@ pub struct ContextInit {
 pub struct RxContext<M = ()> {
     // Invariant 6: only changed by fetch_or / fetch_and.
     flags: AtomicU32,
-    // Invariant 1: the cancel-routine slot, only touched under this lock.
-    cancel_slot: KSpinLock<Option<CancelRoutine<M>>>,
+    // Invariant 1: the cancel-routine slot (and invariant 8's blocked link), only touched under
+    // this lock.
+    cancel_slot: KSpinLock<CancelSlot<M>>,
     stored_status: AtomicI32,
-    serial_number: u32,
+    // Changed only by reinitialisation for reuse (`registry`), which excludes every other user.
+    serial_number: AtomicU32,
     major_function: MajorFunction,
     minor_function: u8,
+    pub(crate) life: Lifecycle,
     minirdr: M,
 }
+
+/// What the cancel slot lock protects (invariants 1 and 8).
+pub(crate) struct CancelSlot<M> {
+    pub(crate) routine: Option<CancelRoutine<M>>,
+    pub(crate) blocked: Option<Arc<BlockedShared<M>>>,
+}
+
+/// The lifecycle fields the RDBSS instance (`registry`) uses; inert on a standalone context.
+pub(crate) struct Lifecycle {
+    /// `ReferenceCount`, plus the registry's `REUSING` bit while a reinitialisation runs.
+    pub(crate) refs: AtomicUsize,
+    /// [`Completion`] as a `u8` (invariant 7).
+    completion: AtomicU8,
+    /// `InformationToReturn`, stored by completion.
+    information: AtomicUsize,
+    /// How many of `refs` are kept by request id (`ContextRef::into_id`).
+    pub(crate) kept_by_id: AtomicUsize,
+    /// [`BlockedState`] as a `u8` (invariant 8).
+    pub(crate) blocked_state: AtomicU8,
+    /// This context's slot in its instance's registry (0 for a standalone context).
+    pub(crate) slot: u32,
+}
+
+const PENDING: u8 = 0;
+const COMPLETED: u8 = 1;
 
 impl<M> RxContext<M> {
     /// A new context (`RxInitializeContext`), not cancelled, with no routine armed.
@@ -377,20 +424,132 @@ impl<M> RxContext<M> {
     }
 
     fn new_unchecked(init: ContextInit, minirdr: M) -> Self {
+        Self::new_in_slot(init, 0, 0, minirdr)
+    }
+
+    /// A context for the registry: reference count `refs`, in registry slot `slot`.
+    pub(crate) fn new_in_slot(init: ContextInit, refs: usize, slot: u32, minirdr: M) -> Self {
         RxContext {
             flags: AtomicU32::new(init.flags.bits()),
-            cancel_slot: KSpinLock::new(None),
+            cancel_slot: KSpinLock::new(CancelSlot {
+                routine: None,
+                blocked: None,
+            }),
             stored_status: AtomicI32::new(NtStatus::SUCCESS.0),
-            serial_number: init.serial_number,
+            serial_number: AtomicU32::new(init.serial_number),
             major_function: init.major_function,
             minor_function: init.minor_function,
+            life: Lifecycle {
+                refs: AtomicUsize::new(refs),
+                completion: AtomicU8::new(PENDING),
+                information: AtomicUsize::new(0),
+                kept_by_id: AtomicUsize::new(0),
+                blocked_state: AtomicU8::new(BlockedState::NotBlocked as u8),
+                slot,
+            },
             minirdr,
         }
     }
 
+    /// `RxReinitializeContext`'s reset: keeps only `PRESERVED | INITIALIZATION` flags (so
+    /// `CANCELLED` is lost), empties the cancel slot, makes the request pending again with status
+    /// `SUCCESS` and information 0, and takes the new serial number. The caller guarantees nobody
+    /// else uses the context meanwhile (the registry's `REUSING` bit, or `&mut`).
+    pub(crate) fn reset_for_reuse(&self, serial_number: u32) {
+        let keep = ContextFlags::PRESERVED | ContextFlags::INITIALIZATION;
+        self.flags.fetch_and(keep.bits(), Ordering::AcqRel);
+        {
+            let mut slot = self.cancel_slot.lock();
+            slot.routine = None;
+            slot.blocked = None;
+        }
+        self.stored_status
+            .store(NtStatus::SUCCESS.0, Ordering::Release);
+        self.life.completion.store(PENDING, Ordering::Release);
+        self.life.information.store(0, Ordering::Release);
+        self.life
+            .blocked_state
+            .store(BlockedState::NotBlocked as u8, Ordering::Release);
+        self.serial_number.store(serial_number, Ordering::Release);
+    }
+
+    /// Reinitialises a standalone context for reuse (`RxReinitializeContext`): keeps only the
+    /// `PRESERVED | INITIALIZATION` flags, so `CANCELLED` is lost; empties the cancel slot; makes
+    /// the request pending again; takes `serial_number`. The `&mut` proves nobody else uses it.
+    #[doc(alias = "RxReinitializeContext")]
+    #[doc(alias = "RxPrepareContextForReuse")]
+    pub fn reinitialize(&mut self, serial_number: u32) {
+        self.reset_for_reuse(serial_number);
+    }
+
     /// `SerialNumber`.
     pub fn serial_number(&self) -> u32 {
-        self.serial_number
+        self.serial_number.load(Ordering::Acquire)
+    }
+
+    /// `ReferenceCount` (0 for a standalone context, which the registry does not count).
+    pub fn reference_count(&self) -> usize {
+        self.life.refs.load(Ordering::Acquire) & !crate::registry::REUSING
+    }
+
+    /// Whether the request has been completed ([`complete_request`](Self::complete_request)).
+    pub fn is_completed(&self) -> bool {
+        self.life.completion.load(Ordering::Acquire) == COMPLETED
+    }
+
+    /// `InformationToReturn`, as stored by completion (0 before).
+    pub fn information(&self) -> usize {
+        self.life.information.load(Ordering::Acquire)
+    }
+
+    /// Where this context stands in a blocked-operation queue.
+    pub fn blocked_state(&self) -> BlockedState {
+        BlockedState::from_u8(self.life.blocked_state.load(Ordering::Acquire))
+    }
+
+    /// `RxCompleteRequest`: completes the request with its final `status` and `information`.
+    ///
+    /// Exactly once per request (invariant 7): a second completion is the
+    /// `MULTIPLE_IRP_COMPLETE_REQUESTS` (0x44) bug check (parameters: serial number, the first
+    /// status, the second status, 0); under `BugCheckPolicy::Record` it returns
+    /// `Err(STATUS_INVALID_DEVICE_STATE)` and changes nothing. Callable at or below
+    /// `DISPATCH_LEVEL`, like `IoCompleteRequest`.
+    ///
+    /// On a registry context, [`ContextRef::complete_request`](crate::ContextRef::complete_request)
+    /// also drops the caller's reference.
+    #[doc(alias = "RxCompleteRequest")]
+    #[track_caller]
+    pub fn complete_request(&self, status: NtStatus, information: usize) -> Result<(), NtStatus> {
+        irql::require_at_most(
+            Irql::DISPATCH,
+            "RxCompleteRequest called above DISPATCH_LEVEL",
+        );
+        if self
+            .life
+            .completion
+            .compare_exchange(PENDING, COMPLETED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            bugcheck::report(BugCheck {
+                code: BugCheckCode::MULTIPLE_IRP_COMPLETE_REQUESTS,
+                parameters: [
+                    self.serial_number() as usize,
+                    self.stored_status().code() as usize,
+                    status.code() as usize,
+                    0,
+                ],
+                description: "RxCompleteRequest on a request that is already completed",
+            });
+            return Err(NtStatus::INVALID_DEVICE_STATE);
+        }
+        self.stored_status.store(status.0, Ordering::Release);
+        self.life.information.store(information, Ordering::Release);
+        Ok(())
+    }
+
+    /// Locks the cancel slot (for `blocked`).
+    pub(crate) fn lock_slot(&self) -> crate::spinlock::KSpinLockGuard<'_, CancelSlot<M>> {
+        self.cancel_slot.lock()
     }
 
     /// `MajorFunction`.
@@ -528,7 +687,7 @@ impl<M> RxContext<M> {
             // Invariant 2: nothing stored.
             return Err(Cancelled);
         }
-        *slot = routine;
+        slot.routine = routine;
         Ok(())
     }
 
@@ -541,13 +700,13 @@ impl<M> RxContext<M> {
             return Err(Cancelled);
         }
         let mut slot = self.cancel_slot.lock_from(now);
-        *slot = routine;
+        slot.routine = routine;
         Ok(())
     }
 
     /// Whether a cancel routine is armed right now (a snapshot; it may change at once).
     pub fn has_cancel_routine(&self) -> bool {
-        self.cancel_slot.lock().is_some()
+        self.cancel_slot.lock().routine.is_some()
     }
 
     /// The first half of a cancel: under the lock, sets `CANCELLED` and takes the armed routine.
@@ -557,20 +716,28 @@ impl<M> RxContext<M> {
     /// both at once.
     #[track_caller]
     pub fn claim_cancel(&self) -> CancelClaim<M> {
-        let mut slot = self.cancel_slot.lock();
-        // Invariant 2: a second cancel finds the flag and does nothing.
-        if self.is_cancelled() {
-            return CancelClaim::AlreadyCancelled;
-        }
-        // Invariants 1 and 6: set under the lock, as one atomic fetch_or.
-        self.flags
-            .fetch_or(ContextFlags::CANCELLED.bits(), Ordering::AcqRel);
-        // Invariant 3: the routine leaves the slot exactly once.
-        match slot.take() {
+        let (routine, blocked) = {
+            let mut slot = self.cancel_slot.lock();
+            // Invariant 2: a second cancel finds the flag and does nothing.
+            if self.is_cancelled() {
+                return CancelClaim::AlreadyCancelled;
+            }
+            // Invariants 1 and 6: set under the lock, as one atomic fetch_or.
+            self.flags
+                .fetch_or(ContextFlags::CANCELLED.bits(), Ordering::AcqRel);
+            // Invariant 3: the routine leaves the slot exactly once. Invariant 8: the blocked
+            // link is only looked at here; it is taken under the queue's lock.
+            (slot.routine.take(), slot.blocked.clone())
+            // The guard drops here, before anyone can run the routine (invariant 5).
+        };
+        let unlinked = blocked.is_some_and(|queue| blocked::cancel_blocked(&queue, self));
+        match routine {
+            // The cancel completed the blocked operation; a routine armed while it waited has no
+            // exchange to abort, and calling it could complete the request a second time.
+            _ if unlinked => CancelClaim::BlockedOperationCancelled,
             Some(routine) => CancelClaim::Routine(routine),
             None => CancelClaim::NoRoutineArmed,
         }
-        // The guard drops here, before anyone can run the routine (invariant 5).
     }
 
     /// Cancels the context, as RDBSS's IRP cancel routine does, and reports what happened.
@@ -602,11 +769,12 @@ impl<M: Default> Default for RxContext<M> {
 impl<M: fmt::Debug> fmt::Debug for RxContext<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RxContext")
-            .field("serial_number", &self.serial_number)
+            .field("serial_number", &self.serial_number())
             .field("major_function", &self.major_function)
             .field("minor_function", &self.minor_function)
             .field("flags", &self.flags())
             .field("stored_status", &self.stored_status())
+            .field("completed", &self.is_completed())
             .field("minirdr", &self.minirdr)
             .finish_non_exhaustive()
     }

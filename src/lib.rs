@@ -50,21 +50,29 @@ extern crate alloc;
 #[cfg(any(feature = "std", loom))]
 extern crate std;
 
+pub mod blocked;
 pub mod bugcheck;
 pub mod context;
 pub mod irql;
+pub mod registry;
 pub mod spinlock;
 pub mod status;
 mod sync;
+pub mod workqueue;
 
+pub use blocked::{BlockedQueue, BlockedState};
 pub use bugcheck::{BugCheck, BugCheckCode, BugCheckPolicy};
 pub use context::{
     rx_set_minirdr_cancel_routine, CancelClaim, CancelOutcome, CancelRoutine, Cancelled,
     ContextFlags, ContextInit, MajorFunction, RxContext,
 };
 pub use irql::Irql;
+pub use registry::{CancelByIdOutcome, ContextRef, Dereferenced, DrainStatus, Rdbss, RequestId};
 pub use spinlock::{KSpinLock, KSpinLockGuard};
 pub use status::NtStatus;
+#[cfg(all(feature = "std", not(loom)))]
+pub use workqueue::ThreadWorkQueue;
+pub use workqueue::{DeferredCancel, ManualWorkQueue, WorkQueue};
 
 /// README.md's examples, compiled and run as doctests so the README stays true.
 #[cfg(doctest)]

@@ -12,16 +12,34 @@
 //!    back its *own* write (the spin-lock owner check) or for process-wide diagnostics (bug-check
 //!    counters), so leaving them out of the model loses no interleaving that matters and keeps the
 //!    state space small.
-//! 3. The per-thread processor state ([`with_thread_cpu`]) is a `std` thread-local in normal builds
+//! 3. Under `--cfg loom` the crate must also be built with `--cfg crossbeam_loom`, so that the
+//!    epoch-based reclamation of the registry is loom's too (a build without it is refused).
+//! 4. The per-thread processor state ([`with_thread_cpu`]) is a `std` thread-local in normal builds
 //!    and a loom thread-local under loom, so each loom thread starts at `PASSIVE_LEVEL` in every
 //!    explored execution. Without `std` there are no threads: `irql` falls back to the embedder's
 //!    hook instead.
+//! 5. A thread's cached epoch handle ([`pin`]) is dropped by [`forget_cached_handle`] when its
+//!    instance goes away on that thread; on other threads it lives until the thread pins another
+//!    instance or exits (keeping only the collector's bookkeeping, not freed contexts, alive).
 
 #[cfg(loom)]
-pub(crate) use loom::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+pub(crate) use loom::sync::atomic::{
+    fence, AtomicBool, AtomicI32, AtomicU32, AtomicU8, AtomicUsize, Ordering,
+};
 
 #[cfg(not(loom))]
-pub(crate) use core::sync::atomic::{AtomicI32, AtomicU32, Ordering};
+pub(crate) use core::sync::atomic::{
+    fence, AtomicBool, AtomicI32, AtomicU32, AtomicU8, AtomicUsize, Ordering,
+};
+
+// Epoch-based reclamation for the registry (`registry` invariants). Under loom, crossbeam-epoch
+// must itself be built against loom, which it does under `--cfg crossbeam_loom`.
+#[cfg(all(loom, not(crossbeam_loom)))]
+compile_error!(
+    "build loom tests with RUSTFLAGS=\"--cfg loom --cfg crossbeam_loom\" so that loom also models \
+     crossbeam-epoch's atomics"
+);
+pub(crate) use crossbeam_epoch as epoch;
 
 /// Atomics that stay outside loom's model (invariant 2).
 pub(crate) mod untracked {
@@ -92,11 +110,68 @@ loom::thread_local! {
     static THREAD_CPU: ThreadCpu = ThreadCpu { irql: core::cell::Cell::new(0) };
 }
 
-/// Runs `f` on the calling thread's emulated processor (invariant 3).
+/// Runs `f` on the calling thread's emulated processor (invariant 4).
 #[cfg(any(feature = "std", loom))]
 #[inline]
 pub(crate) fn with_thread_cpu<R>(f: impl FnOnce(&ThreadCpu) -> R) -> R {
     THREAD_CPU.with(f)
+}
+
+// One registered epoch handle per thread, for the collector the thread used last (invariant 5).
+#[cfg(all(feature = "std", not(loom), not(miri)))]
+std::thread_local! {
+    static EPOCH_HANDLE: core::cell::RefCell<Option<epoch::LocalHandle>> =
+        const { core::cell::RefCell::new(None) };
+}
+
+/// Pins the calling thread in `collector`'s epoch.
+///
+/// With `std` (not under loom or Miri) each thread caches one registered handle, for the collector
+/// it used last, so pinning costs no allocation in the common case of one instance per thread.
+/// Elsewhere, or when the cache is busy (a destructor run by the collector pinning again), each
+/// pin registers a fresh handle (an allocation).
+pub(crate) fn pin(collector: &epoch::Collector) -> epoch::Guard {
+    #[cfg(all(feature = "std", not(loom), not(miri)))]
+    {
+        let cached = EPOCH_HANDLE.try_with(|cell| {
+            let mut cell = cell.try_borrow_mut().ok()?;
+            if let Some(handle) = cell.as_ref() {
+                if handle.collector() == collector {
+                    return Some(handle.pin());
+                }
+            }
+            let handle = collector.register();
+            let guard = handle.pin();
+            *cell = Some(handle);
+            Some(guard)
+        });
+        if let Ok(Some(guard)) = cached {
+            return guard;
+        }
+    }
+    collector.register().pin()
+}
+
+/// Drops the calling thread's cached handle if it belongs to `collector`. Called before the
+/// collector's owner lets it go, so that a cached handle is never the last owner of a collector
+/// on this thread and the collector's pending destructors run when the owner drops it.
+pub(crate) fn forget_cached_handle(collector: &epoch::Collector) {
+    #[cfg(all(feature = "std", not(loom), not(miri)))]
+    {
+        let _ = EPOCH_HANDLE.try_with(|cell| {
+            let stale = cell.try_borrow_mut().ok().and_then(|mut cell| {
+                if cell.as_ref().is_some_and(|h| h.collector() == collector) {
+                    cell.take()
+                } else {
+                    None
+                }
+            });
+            // Dropped outside the borrow: finalising a handle may run destructors that pin.
+            drop(stale);
+        });
+    }
+    #[cfg(not(all(feature = "std", not(loom), not(miri))))]
+    let _ = collector;
 }
 
 /// Whether the calling thread is unwinding from a panic (guards then restore state quietly

@@ -901,6 +901,7 @@ fn outcome_code(outcome: CancelOutcome) -> u8 {
         CancelOutcome::RoutineCalled(_) => 1,
         CancelOutcome::NoRoutineArmed => 2,
         CancelOutcome::AlreadyCancelled => 3,
+        CancelOutcome::BlockedOperationCancelled => 4,
     }
 }
 
@@ -1154,6 +1155,9 @@ fn concurrent_cancels_call_routine_exactly_once() {
                         }
                         CancelOutcome::AlreadyCancelled => {}
                         CancelOutcome::NoRoutineArmed => panic!("armed routine vanished"),
+                        CancelOutcome::BlockedOperationCancelled => {
+                            panic!("this context was never blocked")
+                        }
                     }
                 }
                 assert_passive();
