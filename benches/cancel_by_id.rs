@@ -954,19 +954,7 @@ impl Timings {
             .found
             .iter()
             .find_map(|(_, f)| f.as_ref().map(|(_, path)| path));
-        match source.and_then(|path| common::home_of(path)) {
-            Some(home) => println!("  (estimates read from {})", home.display()),
-            None => {
-                println!(
-                    "  no fresh estimates found under: {}",
-                    snapshot.homes_list()
-                );
-                println!(
-                    "  (a filter that skipped benchmarks, --discard-baseline, --load-baseline or \
-                     cargo-criterion write none)"
-                );
-            }
-        }
+        common::print_estimates_source(source.map(PathBuf::as_path), snapshot);
     }
 }
 

@@ -305,18 +305,7 @@ fn report(snapshot: &Snapshot) {
         .iter()
         .find_map(|(_, f)| f.as_ref().map(|(_, path)| path));
     // <home>/cancel_routine/<benchmark>/new/estimates.json
-    if let Some(home) = source.and_then(|path| common::home_of(path)) {
-        println!("  (estimates read from {})", home.display());
-    } else {
-        println!(
-            "  no fresh estimates found under: {}",
-            snapshot.homes_list()
-        );
-        println!(
-            "  (a filter that skipped benchmarks, --discard-baseline, --load-baseline or \
-             cargo-criterion write none)"
-        );
-    }
+    common::print_estimates_source(source.map(PathBuf::as_path), snapshot);
     if misses > 0 {
         println!("  {misses} target(s) missed (reported only; a noisy machine can cause this)");
     }

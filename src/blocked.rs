@@ -55,16 +55,13 @@ impl BlockedState {
 pub(crate) struct BlockedShared<M> {
     queue: KSpinLock<VecDeque<ContextRef<M>>>,
     #[cfg(all(feature = "std", not(loom)))]
-    wake: (std::sync::Mutex<()>, std::sync::Condvar),
+    wake: crate::sync::WaitPoint,
 }
 
 impl<M> BlockedShared<M> {
     fn notify(&self) {
         #[cfg(all(feature = "std", not(loom)))]
-        {
-            let _held = self.wake.0.lock().unwrap_or_else(|p| p.into_inner());
-            self.wake.1.notify_all();
-        }
+        self.wake.notify();
     }
 }
 
@@ -95,7 +92,7 @@ impl<M> Default for BlockedQueue<M> {
             shared: Arc::new(BlockedShared {
                 queue: KSpinLock::new(VecDeque::new()),
                 #[cfg(all(feature = "std", not(loom)))]
-                wake: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
+                wake: crate::sync::WaitPoint::default(),
             }),
         }
     }
@@ -186,22 +183,10 @@ impl<M> BlockedQueue<M> {
     #[cfg(all(feature = "std", not(loom)))]
     pub fn wait(&self, context: &RxContext<M>, timeout: core::time::Duration) -> BlockedState {
         crate::irql::require_can_wait("BlockedQueue::wait");
-        let deadline = std::time::Instant::now() + timeout;
-        let mut held = self.shared.wake.0.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let state = context.blocked_state();
-            let now = std::time::Instant::now();
-            if state != BlockedState::Waiting || now >= deadline {
-                return state;
-            }
-            held = self
-                .shared
-                .wake
-                .1
-                .wait_timeout(held, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
-        }
+        self.shared
+            .wake
+            .wait_until(timeout, || context.blocked_state() != BlockedState::Waiting);
+        context.blocked_state()
     }
 }
 

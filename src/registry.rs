@@ -156,7 +156,7 @@ struct Instance<M> {
     draining: AtomicBool,
     work_queue: Arc<dyn WorkQueue<M>>,
     #[cfg(all(feature = "std", not(loom)))]
-    drained: (std::sync::Mutex<()>, std::sync::Condvar),
+    drained: crate::sync::WaitPoint,
 }
 
 impl<M> Drop for Instance<M> {
@@ -216,10 +216,7 @@ impl<M> Instance<M> {
     fn finish_one(&self) {
         if self.active.fetch_sub(1, Ordering::SeqCst) == 1 && self.draining.load(Ordering::SeqCst) {
             #[cfg(all(feature = "std", not(loom)))]
-            {
-                let _held = self.drained.0.lock().unwrap_or_else(|p| p.into_inner());
-                self.drained.1.notify_all();
-            }
+            self.drained.notify();
         }
     }
 
@@ -307,7 +304,7 @@ impl<M: Send + Sync + 'static> Rdbss<M> {
                 draining: AtomicBool::new(false),
                 work_queue,
                 #[cfg(all(feature = "std", not(loom)))]
-                drained: (std::sync::Mutex::new(()), std::sync::Condvar::new()),
+                drained: crate::sync::WaitPoint::default(),
             }),
         }
     }
@@ -480,24 +477,12 @@ impl<M: Send + Sync + 'static> Rdbss<M> {
     pub fn drain(&self, timeout: core::time::Duration) -> Result<(), usize> {
         irql::require_can_wait("Rdbss::drain");
         self.start_drain();
-        let deadline = std::time::Instant::now() + timeout;
-        let shared = &self.shared;
-        let mut held = shared.drained.0.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            let active = self.active_contexts();
-            let now = std::time::Instant::now();
-            if active == 0 {
-                return Ok(());
-            }
-            if now >= deadline {
-                return Err(active);
-            }
-            held = shared
-                .drained
-                .1
-                .wait_timeout(held, deadline - now)
-                .unwrap_or_else(|p| p.into_inner())
-                .0;
+        self.shared
+            .drained
+            .wait_until(timeout, || self.active_contexts() == 0);
+        match self.active_contexts() {
+            0 => Ok(()),
+            active => Err(active),
         }
     }
 }

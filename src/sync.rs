@@ -174,6 +174,51 @@ pub(crate) fn forget_cached_handle(collector: &epoch::Collector) {
     let _ = collector;
 }
 
+/// Where `std` callers wait for a state change (`Rdbss::drain`, `BlockedQueue::wait`): a condition
+/// variable and its mutex. A notifier changes the state first and then calls [`notify`]; a waiter
+/// re-checks the state with the mutex held before each wait, so no wake-up is lost.
+///
+/// [`notify`]: WaitPoint::notify
+#[cfg(all(feature = "std", not(loom)))]
+#[derive(Default)]
+pub(crate) struct WaitPoint {
+    lock: std::sync::Mutex<()>,
+    changed: std::sync::Condvar,
+}
+
+#[cfg(all(feature = "std", not(loom)))]
+impl WaitPoint {
+    /// Wakes every waiter, after the caller changed the state they wait for.
+    pub(crate) fn notify(&self) {
+        let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        self.changed.notify_all();
+    }
+
+    /// Waits until `ready()` holds or `timeout` passes; returns whether it holds.
+    pub(crate) fn wait_until(
+        &self,
+        timeout: core::time::Duration,
+        mut ready: impl FnMut() -> bool,
+    ) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if ready() {
+                return true;
+            }
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            held = self
+                .changed
+                .wait_timeout(held, deadline - now)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
 /// Whether the calling thread is unwinding from a panic (guards then restore state quietly
 /// instead of raising a second bug check, which would abort the process).
 #[inline]

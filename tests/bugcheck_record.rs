@@ -4,12 +4,12 @@
 //! `SPIN_LOCK_ALREADY_OWNED` stays fatal.
 //!
 //! The policy, the counter and the ring are process-wide, and the tests of one file run on
-//! parallel threads, so every test here holds [`LOCK`] (through [`exclusive`]) for its whole run.
+//! parallel threads, so every test here holds `common::exclusive`'s guard for its whole run.
 
 use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::sync::mpsc;
 use std::thread;
 use std::time::Duration;
 
@@ -19,29 +19,8 @@ use rdbss::{
     rx_set_minirdr_cancel_routine, CancelOutcome, KSpinLock, MajorFunction, NtStatus, RxContext,
 };
 
-/// Serialises the tests of this file: they share the process-wide bug-check state.
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// Holds [`LOCK`]; on drop (also when the test fails) restores the `Panic` policy and clears.
-struct Exclusive {
-    _lock: MutexGuard<'static, ()>,
-}
-
-impl Drop for Exclusive {
-    fn drop(&mut self) {
-        bugcheck::set_policy(BugCheckPolicy::Panic);
-        bugcheck::clear();
-        // `_lock` is released after this body: the next test finds the defaults.
-    }
-}
-
-/// Takes the file lock (surviving a poisoned one), clears the bug-check state and sets `policy`.
-fn exclusive(policy: BugCheckPolicy) -> Exclusive {
-    let lock = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    bugcheck::clear();
-    bugcheck::set_policy(policy);
-    Exclusive { _lock: lock }
-}
+mod common;
+use common::exclusive;
 
 fn panic_text(payload: Box<dyn Any + Send>) -> String {
     match payload.downcast::<String>() {

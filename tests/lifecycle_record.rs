@@ -5,12 +5,10 @@
 //! `tests/lifecycle.rs`.)
 //!
 //! The policy, the counter and the ring are process-wide, and the tests of one file run on
-//! parallel threads, so every test here holds [`LOCK`] (through [`exclusive`]) for its whole run,
+//! parallel threads, so every test here holds `common::exclusive`'s guard for its whole run,
 //! as `tests/bugcheck_record.rs` does.
 
 #![cfg(feature = "std")]
-
-use std::sync::{Mutex, MutexGuard};
 
 use rdbss::bugcheck::{self, BugCheck, BugCheckCode, BugCheckPolicy};
 use rdbss::{
@@ -18,28 +16,8 @@ use rdbss::{
     NtStatus, Rdbss, RxContext,
 };
 
-/// Serialises the tests of this file: they share the process-wide bug-check state.
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// Holds [`LOCK`]; on drop (also when the test fails) restores the `Panic` policy and clears.
-struct Exclusive {
-    _lock: MutexGuard<'static, ()>,
-}
-
-impl Drop for Exclusive {
-    fn drop(&mut self) {
-        bugcheck::set_policy(BugCheckPolicy::Panic);
-        bugcheck::clear();
-    }
-}
-
-/// Takes the file lock (surviving a poisoned one), clears the bug-check state and sets `policy`.
-fn exclusive(policy: BugCheckPolicy) -> Exclusive {
-    let lock = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    bugcheck::clear();
-    bugcheck::set_policy(policy);
-    Exclusive { _lock: lock }
-}
+mod common;
+use common::exclusive;
 
 /// The only recorded bug check, checked against `code` and `parameters`.
 #[track_caller]

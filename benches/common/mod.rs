@@ -126,6 +126,25 @@ impl Snapshot {
     }
 }
 
+/// Prints where the estimates behind the ratios came from: the criterion home of `source` (one
+/// `estimates.json` this run wrote), or, when there is none, where they were looked for and why
+/// a run may write none.
+pub fn print_estimates_source(source: Option<&Path>, snapshot: &Snapshot) {
+    match source.and_then(home_of) {
+        Some(home) => println!("  (estimates read from {})", home.display()),
+        None => {
+            println!(
+                "  no fresh estimates found under: {}",
+                snapshot.homes_list()
+            );
+            println!(
+                "  (a filter that skipped benchmarks, --discard-baseline, --load-baseline or \
+                 cargo-criterion write none)"
+            );
+        }
+    }
+}
+
 /// The criterion home an `estimates.json` path found by [`Snapshot::fresh_median`] lies in
 /// (`<home>/<group>/<benchmark>/new/estimates.json`).
 pub fn home_of(estimates: &Path) -> Option<&Path> {

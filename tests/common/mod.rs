@@ -1,0 +1,32 @@
+//! Helpers shared by the test files that switch the process-wide bug-check policy.
+//!
+//! The policy, the counter and the ring of recent bug checks are process-wide, and the tests of
+//! one file run on parallel threads, so such a test holds [`exclusive`]'s guard for its whole run.
+
+use std::sync::{Mutex, MutexGuard};
+
+use rdbss::bugcheck::{self, BugCheckPolicy};
+
+/// Serialises the tests of one test binary: they share the process-wide bug-check state.
+static LOCK: Mutex<()> = Mutex::new(());
+
+/// Holds [`LOCK`]; on drop (also when the test fails) restores the `Panic` policy and clears.
+pub struct Exclusive {
+    _lock: MutexGuard<'static, ()>,
+}
+
+impl Drop for Exclusive {
+    fn drop(&mut self) {
+        bugcheck::set_policy(BugCheckPolicy::Panic);
+        bugcheck::clear();
+        // `_lock` is released after this body: the next test finds the defaults.
+    }
+}
+
+/// Takes the lock (surviving a poisoned one), clears the bug-check state and sets `policy`.
+pub fn exclusive(policy: BugCheckPolicy) -> Exclusive {
+    let lock = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    bugcheck::clear();
+    bugcheck::set_policy(policy);
+    Exclusive { _lock: lock }
+}
