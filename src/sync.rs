@@ -189,6 +189,10 @@ pub(crate) struct WaitPoint {
 #[cfg(all(feature = "std", not(loom)))]
 impl WaitPoint {
     /// Wakes every waiter, after the caller changed the state they wait for.
+    ///
+    /// The model's `KeSetEvent`, so callable at `DISPATCH_LEVEL`: it holds the host mutex only for
+    /// an instant, and a waiter never holds it while asleep, so the notifier never blocks on a
+    /// wait.
     pub(crate) fn notify(&self) {
         let _held = self.lock.lock().unwrap_or_else(|p| p.into_inner());
         self.changed.notify_all();
