@@ -15,6 +15,10 @@
 //!    `STATUS_CANCELLED` by the canceller. Never both, never neither.
 //! 4. The queue holds a counted reference ([`ContextRef`]) to every queued context, dropped only
 //!    after both locks are released (a final dereference takes the registry's lock).
+//! 5. Dropping a [`BlockedQueue`] resumes every operation still waiting in it
+//!    (`RxResumeBlockedOperations_ALL`): a queued context links back to its queue, so without this
+//!    the two would keep each other alive, and the operation would wait for a resume nobody can
+//!    give any more.
 
 use alloc::collections::VecDeque;
 use alloc::sync::Arc;
@@ -178,6 +182,20 @@ impl<M> BlockedQueue<M> {
         Some(next)
     }
 
+    /// `RxResumeBlockedOperations_ALL`: resumes every waiting operation, in queue order, as
+    /// [`resume_blocked_operations_serially`](Self::resume_blocked_operations_serially) would one
+    /// by one, and drops the queue's references to them; returns how many were resumed. Their
+    /// owners (in [`wait`](Self::wait), or holding their own [`ContextRef`]) run them.
+    #[doc(alias = "RxResumeBlockedOperations_ALL")]
+    pub fn resume_all(&self) -> usize {
+        let mut resumed = 0;
+        while let Some(operation) = self.resume_blocked_operations_serially() {
+            drop(operation);
+            resumed += 1;
+        }
+        resumed
+    }
+
     /// Waits (below `DISPATCH_LEVEL`) until `context` is no longer [`BlockedState::Waiting`] in
     /// this queue, or `timeout` passes, and returns its state.
     #[cfg(all(feature = "std", not(loom)))]
@@ -187,6 +205,13 @@ impl<M> BlockedQueue<M> {
             .wake
             .wait_until(timeout, || context.blocked_state() != BlockedState::Waiting);
         context.blocked_state()
+    }
+}
+
+impl<M> Drop for BlockedQueue<M> {
+    /// Resumes every operation still waiting (invariant 5).
+    fn drop(&mut self) {
+        self.resume_all();
     }
 }
 

@@ -1580,6 +1580,47 @@ fn cancel_of_a_waiting_operation_with_a_routine_armed_meanwhile_completes_once_a
 }
 
 #[test]
+fn dropping_a_queue_resumes_its_waiting_operations_and_releases_them() {
+    let rdbss = probe_instance();
+    let pipe = BlockedQueue::new();
+    let (first, second) = (create(&rdbss), create(&rdbss));
+    pipe.enqueue(&first).unwrap();
+    pipe.enqueue(&second).unwrap();
+    drop(pipe);
+    for op in [&first, &second] {
+        assert_eq!(op.blocked_state(), BlockedState::Resumed);
+        assert!(op.flags().contains(ContextFlags::BLOCKED_PIPE_RESUME));
+        assert!(
+            !op.is_completed(),
+            "resumed, not completed: its owner runs it"
+        );
+        assert_eq!(op.reference_count(), 1, "the queue's reference is gone");
+    }
+    drop((first, second));
+    assert_eq!(
+        rdbss.active_contexts(),
+        0,
+        "nothing kept alive by the dropped queue"
+    );
+}
+
+#[test]
+fn resume_all_resumes_every_waiting_operation_in_order() {
+    let rdbss = probe_instance();
+    let pipe = BlockedQueue::new();
+    let ops: Vec<_> = (0..3).map(|_| create(&rdbss)).collect();
+    for op in &ops {
+        pipe.enqueue(op).unwrap();
+    }
+    assert_eq!(pipe.resume_all(), 3);
+    assert!(pipe.is_empty());
+    assert!(ops
+        .iter()
+        .all(|op| op.blocked_state() == BlockedState::Resumed && op.reference_count() == 1));
+    assert_eq!(pipe.resume_all(), 0);
+}
+
+#[test]
 fn enqueue_takes_a_reference_and_marks_the_operation_waiting() {
     let rdbss = probe_instance();
     let pipe = BlockedQueue::new();

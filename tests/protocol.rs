@@ -945,7 +945,7 @@ impl SpinRendezvous {
                 "the other thread panicked"
             );
             spins = spins.wrapping_add(1);
-            if spins % 4096 == 0 {
+            if spins.is_multiple_of(4096) {
                 // Few cores, or other tests running: let the other party get scheduled.
                 thread::yield_now();
             }
