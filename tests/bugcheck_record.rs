@@ -6,7 +6,6 @@
 //! The policy, the counter and the ring are process-wide, and the tests of one file run on
 //! parallel threads, so every test here holds `common::exclusive`'s guard for its whole run.
 
-use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::mpsc;
@@ -20,17 +19,7 @@ use rdbss::{
 };
 
 mod common;
-use common::exclusive;
-
-fn panic_text(payload: Box<dyn Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(text) => *text,
-        Err(payload) => match payload.downcast::<&'static str>() {
-            Ok(text) => (*text).to_owned(),
-            Err(_) => String::from("<non-string panic payload>"),
-        },
-    }
-}
+use common::{exclusive, panic_text};
 
 #[derive(Default)]
 struct Probe {

@@ -11,30 +11,20 @@
 
 #![cfg(feature = "std")]
 
-use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Barrier};
 use std::thread;
 use std::time::Duration;
 
+mod common;
+use common::panic_text;
 use rdbss::bugcheck::{self, BugCheck, BugCheckCode, BugCheckPolicy};
 use rdbss::irql::{self, Irql};
 use rdbss::{
     rx_set_minirdr_cancel_routine, CancelClaim, CancelOutcome, KSpinLock, MajorFunction, NtStatus,
     RxContext,
 };
-
-/// The text of a panic payload (`panic!` with format arguments gives a `String`).
-fn panic_text(payload: Box<dyn Any + Send>) -> String {
-    match payload.downcast::<String>() {
-        Ok(text) => *text,
-        Err(payload) => match payload.downcast::<&'static str>() {
-            Ok(text) => (*text).to_owned(),
-            Err(_) => String::from("<non-string panic payload>"),
-        },
-    }
-}
 
 #[derive(Default)]
 struct Calls(AtomicUsize);

@@ -1,8 +1,12 @@
-//! Helpers shared by the test files that switch the process-wide bug-check policy.
+//! Helpers shared by the integration tests. Each test binary uses a subset of them.
 //!
-//! The policy, the counter and the ring of recent bug checks are process-wide, and the tests of
-//! one file run on parallel threads, so such a test holds [`exclusive`]'s guard for its whole run.
+//! The bug-check policy, the counter and the ring of recent bug checks are process-wide, and the
+//! tests of one file run on parallel threads, so a test that switches the policy holds
+//! [`exclusive`]'s guard for its whole run.
 
+#![allow(dead_code)]
+
+use std::any::Any;
 use std::sync::{Mutex, MutexGuard};
 
 use rdbss::bugcheck::{self, BugCheckPolicy};
@@ -29,4 +33,15 @@ pub fn exclusive(policy: BugCheckPolicy) -> Exclusive {
     bugcheck::clear();
     bugcheck::set_policy(policy);
     Exclusive { _lock: lock }
+}
+
+/// The text of a panic payload (`panic!` with format arguments gives a `String`).
+pub fn panic_text(payload: Box<dyn Any + Send>) -> String {
+    match payload.downcast::<String>() {
+        Ok(text) => *text,
+        Err(payload) => match payload.downcast::<&'static str>() {
+            Ok(text) => (*text).to_owned(),
+            Err(_) => String::from("<non-string panic payload>"),
+        },
+    }
 }
