@@ -340,9 +340,11 @@ impl<M: Send + Sync + 'static> Rdbss<M> {
             serial_number,
             ..init
         };
+        let owned = Owned::new(RxContext::new_in_slot(init, 1, index, minirdr));
+        // The heap address stays the same through `into_shared`.
+        let node_ptr = NonNull::from(&*owned);
         let guard = shared.pin();
-        let node = Owned::new(RxContext::new_in_slot(init, 1, index, minirdr)).into_shared(&guard);
-        let raw = node.as_raw() as *mut RxContext<M>;
+        let node = owned.into_shared(&guard);
         // Invariant 4: the slot exists (`allocate_slot` made it) and is empty (invariant 5).
         if let Some(slot) = shared.slot(index) {
             slot.context.store(node, Ordering::Release);
@@ -350,8 +352,7 @@ impl<M: Send + Sync + 'static> Rdbss<M> {
         drop(guard);
         Ok(ContextRef {
             shared: shared.clone(),
-            // `into_shared` of a fresh allocation is never null.
-            node: NonNull::new(raw).expect("a new allocation is not null"),
+            node: node_ptr,
         })
     }
 
@@ -429,18 +430,13 @@ impl<M: Send + Sync + 'static> Rdbss<M> {
     #[doc(alias = "RxDereferenceAndDeleteRxContext")]
     pub fn dereference_by_id(&self, id: RequestId) -> Result<Dereferenced, NtStatus> {
         let context = self.lookup(id)?;
-        let kept = &context.life.kept_by_id;
-        let mut count = kept.load(Ordering::Acquire);
-        loop {
-            if count == 0 {
-                return Err(NtStatus::INVALID_PARAMETER);
-            }
-            match kept.compare_exchange_weak(count, count - 1, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => break,
-                Err(now) => count = now,
-            }
-        }
+        context
+            .life
+            .kept_by_id
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |kept| {
+                kept.checked_sub(1)
+            })
+            .map_err(|_| NtStatus::INVALID_PARAMETER)?;
         // The kept reference is ours now; `context` holds another, so this is never the last.
         context.life.refs.fetch_sub(1, Ordering::Release);
         Ok(context.dereference())
@@ -542,14 +538,11 @@ impl<M> ContextRef<M> {
     /// Keeps this reference counted under the request id instead of a handle; release it with
     /// [`Rdbss::dereference_by_id`]. For embedders that pass ids, not handles (FUSE unique ids).
     pub fn into_id(self) -> RequestId {
-        let id = self.id();
+        // One more count, owned by the id; dropping the handle then releases the handle's own,
+        // so the total is unchanged (never zero here: the handle's count is still held).
+        self.life.refs.fetch_add(1, Ordering::Relaxed);
         self.life.kept_by_id.fetch_add(1, Ordering::AcqRel);
-        // The count now belongs to the id: do not release it.
-        let this = core::mem::ManuallyDrop::new(self);
-        // SAFETY: as in `dereference`: the `Arc` is moved out once and dropped here, the
-        // reference count is left as it is.
-        drop(unsafe { core::ptr::read(&this.shared) });
-        id
+        self.id()
     }
 
     /// `RxCompleteRequest`: completes the request ([`RxContext::complete_request`]) and drops this
@@ -592,16 +585,10 @@ impl<M> ContextRef<M> {
 /// Takes a reference from a live, non-reusing count (invariant 2); `false` if there is none.
 #[cfg(not(rdbss_mutant = "lookup_resurrects"))]
 fn try_reference(refs: &AtomicUsize) -> bool {
-    let mut count = refs.load(Ordering::Relaxed);
-    loop {
-        if count == 0 || count & REUSING != 0 {
-            return false;
-        }
-        match refs.compare_exchange_weak(count, count + 1, Ordering::Acquire, Ordering::Relaxed) {
-            Ok(_) => return true,
-            Err(now) => count = now,
-        }
-    }
+    refs.fetch_update(Ordering::Acquire, Ordering::Relaxed, |count| {
+        (count != 0 && count & REUSING == 0).then_some(count + 1)
+    })
+    .is_ok()
 }
 
 /// MUTANT (test-only): takes a reference with a plain increment, even from zero, so a lookup can
