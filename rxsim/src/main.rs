@@ -1,0 +1,202 @@
+//! The `rxsim` command line: `rxsim run` simulates a network mini-redirector on the rdbss core and
+//! checks its invariants. Exit codes: 0 every invariant held, 1 an invariant failed, 2 bad
+//! arguments (or a report file that cannot be written).
+
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use rxsim::config::{parse_micros, Bug, Config, Latency, Mode, OpMix, Window};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+/// A simulated network mini-redirector on the rdbss cancellation core.
+#[derive(Parser)]
+#[command(name = "rxsim", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a simulation and check its invariants (the defaults finish in seconds).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Seed for every random choice; the same seed in deterministic mode gives the same report.
+    #[arg(long, default_value_t = Config::default().seed)]
+    seed: u64,
+    /// deterministic: one thread, virtual time. threads: real threads, wall-clock time.
+    #[arg(long, value_enum, default_value_t = Mode::Deterministic)]
+    mode: Mode,
+    /// Simulation threads in threads mode.
+    #[arg(long, default_value_t = Config::default().threads)]
+    threads: usize,
+    /// Simulated clients (sessions).
+    #[arg(long, default_value_t = Config::default().clients)]
+    clients: usize,
+    /// Requests over the whole run.
+    #[arg(long, default_value_t = Config::default().requests)]
+    requests: u64,
+    /// Requests each client keeps outstanding.
+    #[arg(long, default_value_t = Config::default().depth)]
+    depth: usize,
+    /// Probability that a request is cancelled by the user at a random time.
+    #[arg(long, default_value_t = Config::default().cancel_rate)]
+    cancel_rate: f64,
+    /// One-way network latency: D, uniform:A..B, exp:MEAN or normal:MEAN,SD (e.g. exp:400us).
+    #[arg(long, default_value_t = Config::default().latency, value_parser = parse_latency)]
+    latency: Latency,
+    /// Extra uniform jitter per message, 0..=D.
+    #[arg(long, default_value = "100us", value_parser = parse_micros)]
+    jitter: u64,
+    /// Server time per exchange (same forms as --latency).
+    #[arg(long, default_value_t = Config::default().service, value_parser = parse_latency)]
+    service: Latency,
+    /// Per-request timeout (0: none); change-notify never times out.
+    #[arg(long, default_value = "5ms", value_parser = parse_micros)]
+    timeout: u64,
+    /// Probability that a message is lost and retransmitted.
+    #[arg(long, default_value_t = Config::default().loss)]
+    loss: f64,
+    /// Retransmission timeout.
+    #[arg(long, default_value = "5ms", value_parser = parse_micros)]
+    rto: u64,
+    /// A network partition START+LENGTH (repeatable), e.g. 100ms+20ms.
+    #[arg(long = "partition", value_parser = parse_window)]
+    partitions: Vec<Window>,
+    /// A server crash START+DOWNTIME (repeatable), e.g. 300ms+50ms.
+    #[arg(long = "crash", value_parser = parse_window)]
+    crashes: Vec<Window>,
+    /// Credits (concurrent exchanges) per client at the server.
+    #[arg(long, default_value_t = Config::default().credits)]
+    credits: u32,
+    /// Operation mix, e.g. read=30,write=20,query_info=12,create=8,close=8,dir_enum=8,change_notify=4,pipe_transact=10.
+    #[arg(long, default_value_t = OpMix::default(), value_parser = parse_mix)]
+    mix: OpMix,
+    /// Never arm cancel routines (the benchmark baseline; needs --cancel-rate 0 --timeout 0 and no change_notify).
+    #[arg(long)]
+    no_cancel_routines: bool,
+    /// Tear the session down at this time, cancelling everything in flight.
+    #[arg(long, value_parser = parse_micros)]
+    teardown_at: Option<u64>,
+    /// Also write the report as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// No progress bar and no summary on stdout (the exit code and --json still tell).
+    #[arg(long)]
+    quiet: bool,
+    /// Run a deliberately broken variant, to see the checker catch it (for testing).
+    #[arg(long, value_enum, hide = true)]
+    inject_bug: Option<Bug>,
+}
+
+fn parse_latency(text: &str) -> Result<Latency, String> {
+    text.parse()
+}
+fn parse_window(text: &str) -> Result<Window, String> {
+    text.parse()
+}
+fn parse_mix(text: &str) -> Result<OpMix, String> {
+    text.parse()
+}
+
+impl RunArgs {
+    fn config(&self) -> Config {
+        Config {
+            seed: self.seed,
+            mode: self.mode,
+            threads: self.threads,
+            clients: self.clients,
+            requests: self.requests,
+            depth: self.depth,
+            cancel_rate: self.cancel_rate,
+            latency: self.latency,
+            jitter: self.jitter,
+            service: self.service,
+            timeout: (self.timeout > 0).then_some(self.timeout),
+            loss: self.loss,
+            rto: self.rto,
+            partitions: self.partitions.clone(),
+            crashes: self.crashes.clone(),
+            credits: self.credits,
+            mix: self.mix.clone(),
+            arm_cancel_routines: !self.no_cancel_routines,
+            teardown_at: self.teardown_at,
+            bug: self.inject_bug,
+            ..Config::default()
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(args) => run(&args),
+    }
+}
+
+fn run(args: &RunArgs) -> ExitCode {
+    let config = args.config();
+    if let Err(message) = config.validate() {
+        eprintln!("rxsim: {message}");
+        return ExitCode::from(2);
+    }
+    // The bar appears only on runs longer than a second, on a terminal.
+    let bar = ProgressBar::with_draw_target(Some(config.requests), ProgressDrawTarget::hidden());
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{elapsed_precise} [{bar:40}] {pos}/{len} requests ({per_sec}, eta {eta})",
+        )
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> "),
+    );
+    let started = Instant::now();
+    let shown = AtomicBool::new(false);
+    let progress = |completed: u64, _total: u64| {
+        if args.quiet {
+            return;
+        }
+        if !shown.load(Ordering::Relaxed) && started.elapsed() > Duration::from_secs(1) {
+            shown.store(true, Ordering::Relaxed);
+            bar.set_draw_target(ProgressDrawTarget::stderr());
+        }
+        bar.set_position(completed);
+    };
+    let outcome = match rxsim::run(&config, &progress) {
+        Ok(outcome) => outcome,
+        Err(message) => {
+            eprintln!("rxsim: {message}");
+            return ExitCode::from(2);
+        }
+    };
+    bar.finish_and_clear();
+    if !args.quiet {
+        print!("{}", outcome.report);
+        eprintln!("(wall-clock time {:.2} s)", outcome.wall.as_secs_f64());
+    }
+    if let Some(path) = &args.json {
+        let written = serde_json::to_string_pretty(&outcome.report)
+            .map_err(|e| e.to_string())
+            .and_then(|json| std::fs::write(path, json + "\n").map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            eprintln!(
+                "rxsim: cannot write the JSON report to {}: {e}",
+                path.display()
+            );
+            return ExitCode::from(2);
+        }
+    }
+    if outcome.passed() {
+        ExitCode::SUCCESS
+    } else {
+        eprintln!(
+            "rxsim: {} invariant violation(s); seed {}",
+            outcome.report.violations_total, config.seed
+        );
+        ExitCode::from(1)
+    }
+}
