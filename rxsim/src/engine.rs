@@ -19,13 +19,16 @@
 //!    rdbss instance, the server (one mutex), the records (atomics) and the inboxes (one mutex
 //!    each).
 //! 2. Every `ContextRef` the engine holds lives in exactly one place: a scheduled event, a
-//!    client's exchange table, a client's waiting list, or (for a blocked pipe operation) the
-//!    core's `BlockedQueue`; dropping the shards therefore drops every handle the engine has.
+//!    client's exchange table, or one of the client's two `BlockedQueue`s of the core (pipe
+//!    order; waiting for a credit or the connection); dropping the shards therefore drops every
+//!    handle the engine has.
 //! 3. The run ends when every created request is completed, no exchange is open at the client
 //!    or the server, the work queue is empty, and every shard's event queue has drained (a timer
 //!    of a completed request is cancelled, not waited for).
 //! 4. One run at a time per process: the bug-check policy and counter are process-wide, so runs
 //!    hold [`RUN_LOCK`] and set the `Record` policy for their duration.
+//! 5. Messages between a client and the server are delivered in order in each direction (one
+//!    TCP connection per session); events at the same time run in the order they were scheduled.
 
 use crate::config::{Bug, Config, Micros, Mode, OpKind};
 use crate::minirdr::{mrx_cancel, MiniRequest};
@@ -41,7 +44,7 @@ use rdbss::{
     Irql, MajorFunction, ManualWorkQueue, NtStatus, Rdbss, RequestId, WorkQueue,
 };
 use std::cmp::Ordering as CmpOrdering;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BinaryHeap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -155,18 +158,30 @@ fn run_threads(shared: &Arc<Shared>, shards: Vec<Shard>, progress: &(dyn Fn(u64,
             scope.spawn(move || shard.run_threads());
         }
         let mut last_sweep = Instant::now();
+        let (mut last_completed, mut last_progress) = (0, Instant::now());
+        // Long enough for several request lifetimes at the configured latencies.
+        let stall = STALL.max(Duration::from_micros(4 * cancel_window(&shared.config)));
         loop {
             std::thread::sleep(Duration::from_micros(500));
             let c = &shared.counters;
-            progress(c.completed.load(Ordering::Acquire), shared.config.requests);
+            let completed = c.completed.load(Ordering::Acquire);
+            progress(completed, shared.config.requests);
+            // A broken variant can leave requests that never complete: after STALL without a
+            // completion, tear down; after another, stop, and let the checks report them.
+            let stalled = if completed != last_completed {
+                (last_completed, last_progress) = (completed, Instant::now());
+                false
+            } else {
+                last_progress.elapsed() > stall
+            };
             if !c.teardown.load(Ordering::Acquire) {
-                if shared.teardown_due() {
+                if shared.teardown_due() || stalled {
                     shared.teardown();
-                    last_sweep = Instant::now();
+                    (last_sweep, last_progress) = (Instant::now(), Instant::now());
                 }
                 continue;
             }
-            if shared.quiescent() {
+            if shared.quiescent() || stalled {
                 c.finished.store(true, Ordering::Release);
                 for inbox in shared.inboxes.iter() {
                     inbox.wake.notify_all();
@@ -182,6 +197,9 @@ fn run_threads(shared: &Arc<Shared>, shards: Vec<Shard>, progress: &(dyn Fn(u64,
         }
     });
 }
+
+/// Threads mode: how long without a completion counts as stalled (at least).
+const STALL: Duration = Duration::from_secs(3);
 
 enum Clock {
     Virtual(AtomicU64),
@@ -253,7 +271,7 @@ enum Event {
     },
     SlotFree {
         client: u32,
-        kind: OpKind,
+        index: u32,
     },
     Crash,
     Restart,
@@ -352,13 +370,7 @@ impl Shared {
         let client = record.client.load(Ordering::Acquire);
         self.post(
             self.shard_of(client),
-            Incoming::At(
-                now,
-                Event::SlotFree {
-                    client,
-                    kind: record.op_kind(),
-                },
-            ),
+            Incoming::At(now, Event::SlotFree { client, index }),
         );
     }
 
@@ -503,13 +515,32 @@ impl Shared {
             }
         }
         let credits = self.server.credits_in_use();
-        let open = self.server.open_exchanges();
-        if credits != 0 || open != 0 {
-            self.checker.fail(
-                Invariant::QuotaReturned,
-                None,
-                format!("{credits} credit(s) still in use at the server, {open} exchange(s) open"),
+        let open = self.server.open_exchange_list();
+        if credits != 0 || !open.is_empty() {
+            let detail = format!(
+                "{credits} credit(s) still in use at the server, {} exchange(s) open",
+                open.len()
             );
+            let mut named = 0;
+            for &(client, msg, kind, epoch) in open.iter().take(3) {
+                let found = (0..created).find(|&i| {
+                    let r = self.record(i);
+                    r.client.load(Ordering::Relaxed) == client
+                        && r.msg.load(Ordering::Relaxed) == msg
+                        && r.dispatched.get().is_some()
+                });
+                if let Some(index) = found {
+                    named += 1;
+                    self.checker.fail(
+                        Invariant::QuotaReturned,
+                        Some((index, self.record(index))),
+                        format!("{detail}; this one is {} (client {client}, message {msg}, epoch {epoch})", kind.name()),
+                    );
+                }
+            }
+            if named == 0 {
+                self.checker.fail(Invariant::QuotaReturned, None, detail);
+            }
         }
         let bug_checks = bugcheck::count().saturating_sub(bug_checks_before);
         if bug_checks > 0 {
@@ -570,9 +601,15 @@ struct Client {
     epoch: u32,
     next_msg: u64,
     exchanges: BTreeMap<u64, InFlight>,
-    waiting: VecDeque<ContextRef<MiniRequest>>,
+    /// Requests waiting for a credit or the connection: cancellable where they wait.
+    waiting: BlockedQueue<MiniRequest>,
     pipe: BlockedQueue<MiniRequest>,
     pipe_busy: bool,
+    /// When the last message to the server, and from it, arrives (in-order delivery).
+    up_last: Micros,
+    down_last: Micros,
+    /// The request that holds the pipe while `pipe_busy`.
+    pipe_active: Option<u32>,
     notify_open: bool,
     fids: Vec<u64>,
 }
@@ -601,9 +638,12 @@ impl Shard {
                 epoch: 1,
                 next_msg: 1,
                 exchanges: BTreeMap::new(),
-                waiting: VecDeque::new(),
+                waiting: BlockedQueue::new(),
                 pipe: BlockedQueue::new(),
                 pipe_busy: false,
+                pipe_active: None,
+                up_last: 0,
+                down_last: 0,
                 notify_open: false,
                 fids: Vec::new(),
             })
@@ -634,7 +674,25 @@ impl Shard {
 
     /// Sends a message over the network to this shard.
     fn send_net(&mut self, sent: Micros, event: Event) {
-        let delivery = self.shared.network.deliver(sent, &mut self.rng);
+        let mut delivery = self.shared.network.deliver(sent, &mut self.rng);
+        // A session is one TCP connection: each direction delivers in order (invariant 5), so a
+        // CANCEL never overtakes its request, and a lost message holds back those behind it.
+        let channel = match &event {
+            Event::ServerReceive(request) => Some((request.client, true)),
+            Event::ServerCancel { client, .. } => Some((*client, true)),
+            Event::Response(reply) => Some((reply.client, false)),
+            _ => None,
+        };
+        if let Some((client, up)) = channel {
+            let c = self.local(client);
+            let last = if up {
+                &mut self.clients[c].up_last
+            } else {
+                &mut self.clients[c].down_last
+            };
+            delivery.at = delivery.at.max(*last);
+            *last = delivery.at;
+        }
         let c = &self.shared.counters;
         if delivery.retransmits > 0 {
             c.retransmits
@@ -652,11 +710,10 @@ impl Shard {
 
     fn start(&mut self) {
         let now = self.now();
+        // Each issue schedules the next until the client has `depth` outstanding.
         for c in 0..self.clients.len() {
             let client = self.clients[c].id;
-            for _ in 0..self.shared.config.depth {
-                self.schedule(now, Event::Issue { client });
-            }
+            self.schedule(now, Event::Issue { client });
         }
         if self.index == 0 {
             if let Some(at) = self.shared.config.teardown_at {
@@ -688,10 +745,14 @@ impl Shard {
         any
     }
 
-    /// A timer of a completed request: cancelled, never fires (invariant 3).
-    fn is_stale_timer(&self, scheduled: &Scheduled) -> bool {
-        matches!(scheduled.event, Event::Timeout { index }
-            if self.shared.record(index).completed.get().is_some())
+    /// A timer of a completed request (cancelled: it never fires), or a crash or restart after
+    /// the session ended (invariant 3).
+    fn is_stale(&self, scheduled: &Scheduled) -> bool {
+        match scheduled.event {
+            Event::Timeout { index } => self.shared.record(index).completed.get().is_some(),
+            Event::Crash | Event::Restart => self.shared.counters.finished.load(Ordering::Acquire),
+            _ => false,
+        }
     }
 
     fn run_deterministic(&mut self, progress: &(dyn Fn(u64, u64) + Sync)) {
@@ -703,7 +764,7 @@ impl Shard {
                 continue;
             }
             let Some(next) = self.heap.pop() else { break };
-            if self.is_stale_timer(&next) {
+            if self.is_stale(&next) {
                 continue;
             }
             if let Clock::Virtual(t) = &self.shared.clock {
@@ -714,6 +775,10 @@ impl Shard {
                 teardown_scheduled = true;
                 let now = self.now();
                 self.schedule(now, Event::Teardown);
+            } else if self.shared.counters.teardown.load(Ordering::Acquire)
+                && self.shared.quiescent()
+            {
+                self.shared.counters.finished.store(true, Ordering::Release);
             }
             events += 1;
             if events.is_multiple_of(8192) {
@@ -733,7 +798,7 @@ impl Shard {
             let mut ran = 0u32;
             while self.heap.peek().is_some_and(|s| s.at <= now) {
                 let Some(next) = self.heap.pop() else { break };
-                if !self.is_stale_timer(&next) {
+                if !self.is_stale(&next) {
                     self.handle(next.event);
                 }
                 ran += 1;
@@ -745,11 +810,9 @@ impl Shard {
                 continue;
             }
             if self.shared.counters.finished.load(Ordering::Acquire) {
-                let shared = self.shared.clone();
-                self.heap.retain(|s| {
-                    !matches!(s.event, Event::Timeout { index }
-                        if shared.record(index).completed.get().is_some())
-                });
+                let stale: Vec<bool> = self.heap.iter().map(|s| self.is_stale(s)).collect();
+                let mut stale = stale.into_iter();
+                self.heap.retain(|_| !stale.next().unwrap_or(false));
                 if self.heap.is_empty() && !self.drain_inbox() {
                     return;
                 }
@@ -789,12 +852,18 @@ impl Shard {
             Event::Complete { ctx, status, info } => self.complete(ctx, status, info),
             Event::UserCancel { index } => self.shared.request_cancel(index, CancelReason::User),
             Event::Timeout { index } => self.shared.request_cancel(index, CancelReason::Timeout),
-            Event::SlotFree { client, kind } => {
+            Event::SlotFree { client, index } => {
                 let c = self.local(client);
+                let record = self.shared.record(index);
                 let state = &mut self.clients[c];
                 state.outstanding -= 1;
-                if kind == OpKind::ChangeNotify {
+                if record.op_kind() == OpKind::ChangeNotify {
                     state.notify_open = false;
+                }
+                // The pipe's holder was cancelled while it waited for a credit: the core
+                // completed it, so the pipe is free for the next one.
+                if state.pipe_active == Some(index) && record.dispatched.get().is_none() {
+                    self.pipe_next(c);
                 }
                 self.issue(client);
             }
@@ -987,20 +1056,11 @@ impl Shard {
         let c = self.local(client);
         if ctx.minirdr().kind == OpKind::PipeTransact {
             if self.clients[c].pipe_busy {
-                let record = self.shared.record(ctx.minirdr().index);
-                match self.clients[c].pipe.enqueue(&ctx) {
-                    // The queue holds the request's handle now (invariant 2).
-                    Ok(()) => record.blocked.set(self.now()),
-                    Err(status) => {
-                        if status == NtStatus::CANCELLED {
-                            record.refused.set(self.now());
-                        }
-                        self.complete(ctx, status, 0);
-                    }
-                }
+                self.enqueue(c, ctx, true);
                 return;
             }
             self.clients[c].pipe_busy = true;
+            self.clients[c].pipe_active = Some(ctx.minirdr().index);
             if !self.start_exchange(c, ctx) {
                 self.pipe_next(c);
             }
@@ -1012,12 +1072,34 @@ impl Shard {
     /// Starts the exchange, or queues it for a credit or the connection. `false` if the request
     /// completed at once instead (cancelled before it started).
     fn start_exchange(&mut self, c: usize, ctx: ContextRef<MiniRequest>) -> bool {
-        let client = &mut self.clients[c];
-        if !client.connected || client.exchanges.len() >= self.shared.config.credits as usize {
-            client.waiting.push_back(ctx);
-            return true;
+        let client = &self.clients[c];
+        if client.connected && client.exchanges.len() < self.shared.config.credits as usize {
+            return self.send(c, ctx);
         }
-        self.send(c, ctx)
+        self.enqueue(c, ctx, false)
+    }
+
+    /// Queues a request in the client's pipe queue or credit queue (the core's blocked-operation
+    /// queue, which a cancel unlinks and completes at once). `false` if the core refused it and it
+    /// was completed.
+    fn enqueue(&mut self, c: usize, ctx: ContextRef<MiniRequest>, pipe: bool) -> bool {
+        let client = &self.clients[c];
+        let queue = if pipe { &client.pipe } else { &client.waiting };
+        let record = self.shared.record(ctx.minirdr().index);
+        match queue.enqueue(&ctx) {
+            // The queue holds the request's handle now (invariant 2).
+            Ok(()) => {
+                record.blocked.set(self.now());
+                true
+            }
+            Err(status) => {
+                if status == NtStatus::CANCELLED {
+                    record.refused.set(self.now());
+                }
+                self.complete(ctx, status, 0);
+                false
+            }
+        }
     }
 
     /// Arms the cancel routine and sends the request. `false` if arming found the request
@@ -1072,8 +1154,10 @@ impl Shard {
         loop {
             let Some(next) = self.clients[c].pipe.resume_blocked_operations_serially() else {
                 self.clients[c].pipe_busy = false;
+                self.clients[c].pipe_active = None;
                 return;
             };
+            self.clients[c].pipe_active = Some(next.minirdr().index);
             self.shared
                 .record(next.minirdr().index)
                 .resumed
@@ -1091,9 +1175,13 @@ impl Shard {
             if !client.connected || client.exchanges.len() >= self.shared.config.credits as usize {
                 return;
             }
-            let Some(ctx) = client.waiting.pop_front() else {
+            let Some(ctx) = client.waiting.resume_blocked_operations_serially() else {
                 return;
             };
+            self.shared
+                .record(ctx.minirdr().index)
+                .resumed
+                .set(self.now());
             let pipe = ctx.minirdr().kind == OpKind::PipeTransact;
             if !self.send(c, ctx) && pipe {
                 self.pipe_next(c);
@@ -1132,7 +1220,7 @@ impl Shard {
         if kind == OpKind::Create && reply.status.is_success() {
             client.fids.push(reply.info);
         }
-        self.exchange_done(c, ctx, armed, reply.status, reply.data.len());
+        self.exchange_done(ctx, armed, reply.status, reply.data.len());
         if kind == OpKind::PipeTransact {
             self.pipe_next(c);
         }
@@ -1142,7 +1230,6 @@ impl Shard {
     /// The exchange is over (reply or disconnect): disarm, and complete if disarming won.
     fn exchange_done(
         &mut self,
-        _c: usize,
         ctx: ContextRef<MiniRequest>,
         armed: bool,
         status: NtStatus,
@@ -1216,7 +1303,7 @@ impl Shard {
                 .disconnected
                 .fetch_add(1, Ordering::Relaxed);
             pipe |= ctx.minirdr().kind == OpKind::PipeTransact;
-            self.exchange_done(c, ctx, armed, NtStatus::CONNECTION_DISCONNECTED, 0);
+            self.exchange_done(ctx, armed, NtStatus::CONNECTION_DISCONNECTED, 0);
         }
         if pipe {
             self.pipe_next(c);

@@ -4,7 +4,8 @@
 //! 1. Delivery is reliable and exactly once, as over a session's TCP connection: a lost message is
 //!    retransmitted after the retransmission timeout until it gets through, and a message sent
 //!    into a partition is held until the partition heals. Only a server crash loses messages (the
-//!    connection drops; the engine handles that with connection epochs).
+//!    connection drops; the engine handles that with connection epochs). Ordering within a
+//!    connection is the engine's job: it keeps each direction of a session in order.
 //! 2. Every random draw comes from the caller's seeded generator, so a deterministic run draws the
 //!    same numbers in the same order every time.
 

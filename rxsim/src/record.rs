@@ -200,9 +200,10 @@ pub struct RequestRecord {
     pub created: Mark,
     /// The core refused to start it (arm or enqueue saw CANCELLED).
     pub refused: Mark,
-    /// Queued behind another pipe operation.
+    /// Queued in a blocked-operation queue (pipe order, or waiting for a credit or the
+    /// connection).
     pub blocked: Mark,
-    /// Taken off the pipe queue to run.
+    /// Taken off its queue to run.
     pub resumed: Mark,
     /// Its exchange was sent to the server.
     pub dispatched: Mark,
@@ -320,8 +321,11 @@ impl RequestRecord {
                 self.effect().map_or("?", CancelEffect::name)
             ),
         );
-        at(&self.blocked, "queued behind another pipe operation".into());
-        at(&self.resumed, "resumed from the pipe queue".into());
+        at(
+            &self.blocked,
+            "queued (behind a pipe operation, or for a credit or the connection)".into(),
+        );
+        at(&self.resumed, "taken off its queue to run".into());
         at(
             &self.refused,
             "the core refused to start it: already cancelled".into(),
@@ -380,7 +384,8 @@ impl RequestRecord {
     }
 }
 
-/// Collects violations (invariant 3). Keeps the first [`Checker::KEPT`] in full and counts all.
+/// Collects violations (invariant 3). Keeps the first [`Checker::KEPT`] of each invariant in
+/// full and counts all.
 #[derive(Default)]
 pub struct Checker {
     kept: Mutex<Vec<Violation>>,
@@ -388,8 +393,8 @@ pub struct Checker {
 }
 
 impl Checker {
-    /// How many violations are kept with their details.
-    pub const KEPT: usize = 20;
+    /// How many violations of each invariant are kept with their details.
+    pub const KEPT: usize = 10;
 
     /// Records a violation.
     pub fn fail(
@@ -402,9 +407,9 @@ impl Checker {
             .iter()
             .position(|i| *i == invariant)
             .unwrap_or(0);
-        self.counts[slot].fetch_add(1, Ordering::Relaxed);
+        let seen = self.counts[slot].fetch_add(1, Ordering::Relaxed);
         let mut kept = self.kept.lock().unwrap_or_else(|e| e.into_inner());
-        if kept.len() < Self::KEPT {
+        if seen < Self::KEPT as u64 {
             kept.push(Violation {
                 invariant,
                 request: request.map(|(i, _)| i),
@@ -468,8 +473,10 @@ mod tests {
         }
         assert_eq!(c.count(Invariant::ExactlyOnce), Checker::KEPT as u64 + 5);
         assert_eq!(c.count(Invariant::NoLeak), 0);
+        c.fail(Invariant::NoLeak, None, "leak".into());
         let v = c.violations();
-        assert_eq!(v.len(), Checker::KEPT);
+        assert_eq!(v.len(), Checker::KEPT + 1);
+        assert_eq!(v[Checker::KEPT].invariant, Invariant::NoLeak);
         assert_eq!(v[0].request, Some(7));
         assert!(
             v[0].history[0].contains("created: request 7"),

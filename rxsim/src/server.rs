@@ -356,6 +356,18 @@ impl Server {
         self.state().exchanges.len()
     }
 
+    /// The exchanges still open, as (client, message id, kind, epoch), in order.
+    pub fn open_exchange_list(&self) -> Vec<(u32, u64, OpKind, u32)> {
+        let state = self.state();
+        let mut open: Vec<_> = state
+            .exchanges
+            .iter()
+            .map(|(&(client, msg), e)| (client, msg, e.kind, state.epoch))
+            .collect();
+        open.sort_unstable_by_key(|&(client, msg, _, _)| (client, msg));
+        open
+    }
+
     /// What the server counted so far.
     pub fn stats(&self) -> ServerStats {
         self.state().stats
