@@ -135,7 +135,7 @@ pub struct CancelSummary {
     pub total: CancelOutcomes,
     /// Won before the exchange started (arm or enqueue refused).
     pub won_before_start: u64,
-    /// Won while queued behind another pipe operation (the core completed it).
+    /// Won while queued (pipe order, credit or connection): the core unlinked and completed it.
     pub won_while_blocked: u64,
     /// Won mid-exchange (the routine ran and sent CANCEL).
     pub won_mid_exchange: u64,
@@ -463,7 +463,7 @@ impl fmt::Display for Report {
         writeln!(f, "\ncancels ({} requests had one)", x.requests_with_cancel)?;
         writeln!(
             f,
-            "  won {} (before the exchange started {}, while blocked {}, mid-exchange {})   lost the race {}   too late {}",
+            "  won {} (before the exchange started {}, while queued {}, mid-exchange {})   lost the race {}   too late {}",
             x.total.won,
             x.won_before_start,
             x.won_while_blocked,
