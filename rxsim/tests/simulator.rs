@@ -520,7 +520,9 @@ fn cancel_never_overtakes_its_request_under_heavy_loss() {
             requests: 3_000,
             loss: 0.2,
             cancel_rate: 0.3,
-            mix: "change_notify=40,read=30,write=5,pipe_transact=10".parse().unwrap(),
+            mix: "change_notify=40,read=30,write=5,pipe_transact=10"
+                .parse()
+                .unwrap(),
             ..Config::default()
         };
         let outcome = simulate(&config);
