@@ -60,6 +60,11 @@ use std::time::{Duration, Instant};
 
 use rxsim::{run, Config, Latency, Mode, OpMix, Outcome};
 
+/// The root crate's benchmark helpers; only `print_machine` is used here.
+#[path = "../../benches/common/mod.rs"]
+#[allow(dead_code)]
+mod common;
+
 /// Rounds per side in a full run.
 const DEFAULT_ROUNDS: usize = 9;
 /// Requests per round in a full run.
@@ -199,20 +204,6 @@ fn env_count(name: &str, default: u64) -> Result<u64, String> {
     }
 }
 
-fn print_machine() {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    match std::fs::read_to_string("/proc/loadavg") {
-        Ok(load) => println!(
-            "  machine: {cpus} CPU(s), load average (1/5/15 min) {}",
-            load.split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        ),
-        Err(_) => println!("  machine: {cpus} CPU(s)"),
-    }
-}
-
 fn bench() -> Result<(), String> {
     let test_mode = std::env::args().skip(1).any(|a| a == "--test");
     let (rounds, requests) = if test_mode {
@@ -297,7 +288,7 @@ fn bench() -> Result<(), String> {
     } else {
         println!("  MISS  (target: armed median >= {TARGET_RATIO} x unarmed median, cost <= 5 %; reported only, a noisy machine can cause this)");
     }
-    print_machine();
+    common::print_machine();
     println!(
         "  total time of this benchmark: {:.2} s",
         started.elapsed().as_secs_f64()

@@ -810,9 +810,10 @@ impl Shard {
                 continue;
             }
             if self.shared.counters.finished.load(Ordering::Acquire) {
-                let stale: Vec<bool> = self.heap.iter().map(|s| self.is_stale(s)).collect();
-                let mut stale = stale.into_iter();
-                self.heap.retain(|_| !stale.next().unwrap_or(false));
+                let events = std::mem::take(&mut self.heap).into_vec();
+                let live: Vec<Scheduled> =
+                    events.into_iter().filter(|s| !self.is_stale(s)).collect();
+                self.heap = live.into();
                 if self.heap.is_empty() && !self.drain_inbox() {
                     return;
                 }
