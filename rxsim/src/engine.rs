@@ -26,7 +26,7 @@
 //!    or the server, the work queue is empty, and every shard's event queue has drained (a timer
 //!    of a completed request is cancelled, not waited for).
 //! 4. One run at a time per process: the bug-check policy and counter are process-wide, so runs
-//!    hold [`RUN_LOCK`] and set the `Record` policy for their duration.
+//!    hold `RUN_LOCK` and set the `Record` policy for their duration.
 //! 5. Messages between a client and the server are delivered in order in each direction (one
 //!    TCP connection per session); events at the same time run in the order they were scheduled.
 
