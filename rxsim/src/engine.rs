@@ -445,12 +445,16 @@ impl Shared {
         self.sweep_teardown();
     }
 
-    fn sweep_teardown(&self) {
-        let created = self
-            .counters
+    /// How many request indexes have been handed out (the records that may be in use).
+    fn created(&self) -> u32 {
+        self.counters
             .next_index
             .load(Ordering::Acquire)
-            .min(self.config.requests) as u32;
+            .min(self.config.requests) as u32
+    }
+
+    fn sweep_teardown(&self) {
+        let created = self.created();
         for index in 0..created {
             let record = self.record(index);
             if record.is_created()
@@ -475,11 +479,7 @@ impl Shared {
 
     /// The after-run checks, then the report.
     fn final_checks(&self, bug_checks_before: usize) -> Report {
-        let created = self
-            .counters
-            .next_index
-            .load(Ordering::Acquire)
-            .min(self.config.requests) as u32;
+        let created = self.created();
         for index in 0..created {
             let record = self.record(index);
             if record.is_created() && record.completions.load(Ordering::Acquire) == 0 {
