@@ -53,6 +53,7 @@ extern crate std;
 pub mod blocked;
 pub mod bugcheck;
 pub mod context;
+pub mod interrupt;
 pub mod irql;
 pub mod registry;
 pub mod spinlock;
@@ -66,6 +67,7 @@ pub use context::{
     rx_set_minirdr_cancel_routine, CancelClaim, CancelOutcome, CancelRoutine, Cancelled,
     ContextFlags, ContextInit, MajorFunction, RxContext,
 };
+pub use interrupt::{InterruptOutcome, InterruptTable, Registration, Settled};
 pub use irql::Irql;
 pub use registry::{CancelByIdOutcome, ContextRef, Dereferenced, DrainStatus, Rdbss, RequestId};
 pub use spinlock::{KSpinLock, KSpinLockGuard};
