@@ -17,10 +17,14 @@
 //! assert_eq!(outcome.report.requests.completed, 2_000);
 //! ```
 //!
+//! [`Live`] is the same mini-redirector in real time on a tokio runtime, serving requests
+//! submitted from outside (live mode, for the FUSE adapter): see [`live`].
+//!
 //! See `docs/simulator.md` for the model, the modes and how to reproduce a failure from a seed.
 //!
 //! Invariants of the crate as a whole:
-//! 1. Library code never panics on a bad configuration: [`run`] validates it and returns `Err`.
+//! 1. Library code never panics on a bad configuration: [`run`] and [`Live::new`] validate it and
+//!    return `Err`.
 //! 2. A run never leaves process-wide state changed: the bug-check policy is restored after it.
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -28,7 +32,10 @@
 
 pub mod config;
 pub mod engine;
+pub mod live;
 pub mod minirdr;
+#[cfg(target_os = "linux")]
+pub mod mount;
 pub mod net;
 pub mod record;
 pub mod report;
@@ -36,5 +43,7 @@ pub mod server;
 
 pub use config::{Bug, Config, Latency, Mode, OpKind, OpMix, Window};
 pub use engine::{run, Outcome};
+pub use live::{live_cancel, Live, LiveReply, LiveRequest, LiveStats};
 pub use record::{CancelReason, Invariant, Violation};
 pub use report::Report;
+pub use server::{Op, Server, STATUS_FILE_IS_A_DIRECTORY};

@@ -22,13 +22,94 @@ struct Cli {
 enum Command {
     /// Run a simulation and check its invariants (the defaults finish in seconds).
     Run(RunArgs),
+    /// Mount the simulated share on DIR through FUSE; Ctrl-C on a blocked reader interrupts its
+    /// request (the server sees the CANCEL). SIGINT or SIGTERM to rxsim unmounts.
+    #[cfg(target_os = "linux")]
+    Mount(MountArgs),
+    /// A reader with a SIGUSR1 handler, for interrupt tests and benchmarks (prints one line per
+    /// read: `eintr T`, `ok N T` or `err ERRNO T`).
+    #[cfg(target_os = "linux")]
+    #[command(hide = true)]
+    Probe(ProbeArgs),
+}
+
+#[cfg(target_os = "linux")]
+#[derive(Args)]
+struct MountArgs {
+    /// An empty directory to mount on.
+    dir: PathBuf,
+    /// A file whose reads and writes take this long at the server, PATH=DURATION (repeatable),
+    /// e.g. slow=10s; created empty if the share lacks it.
+    #[arg(long = "slow-file", value_parser = parse_slow_file)]
+    slow_files: Vec<(String, Duration)>,
+    /// How long an interrupt whose request has not arrived waits before it is answered EAGAIN.
+    #[arg(long, default_value = "5ms", value_parser = parse_micros)]
+    interrupt_retry: u64,
+    /// Print the summary as JSON on exit.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    net: NetArgs,
+}
+
+#[cfg(target_os = "linux")]
+#[derive(Args)]
+struct ProbeArgs {
+    /// The file to read.
+    file: PathBuf,
+    /// How many reads.
+    #[arg(long, default_value_t = 1)]
+    count: u64,
+    /// Bytes per read.
+    #[arg(long, default_value_t = 4096)]
+    len: usize,
+}
+
+fn parse_slow_file(text: &str) -> Result<(String, Duration), String> {
+    let (path, duration) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}`: expected PATH=DURATION, e.g. slow=10s"))?;
+    let micros = parse_micros(duration)?;
+    Ok((
+        path.trim_start_matches('/').to_string(),
+        Duration::from_micros(micros),
+    ))
+}
+
+/// The network and server options `run` and `mount` share.
+#[derive(Args)]
+struct NetArgs {
+    /// Seed for every random choice; the same seed in deterministic mode gives the same report.
+    #[arg(long, default_value_t = Config::default().seed)]
+    seed: u64,
+    /// One-way network latency: D, uniform:A..B, exp:MEAN or normal:MEAN,SD (e.g. exp:400us).
+    #[arg(long, default_value_t = Config::default().latency, value_parser = parse_latency)]
+    latency: Latency,
+    /// Extra uniform jitter per message, 0..=D.
+    #[arg(long, default_value = "100us", value_parser = parse_micros)]
+    jitter: u64,
+    /// Server time per exchange (same forms as --latency).
+    #[arg(long, default_value_t = Config::default().service, value_parser = parse_latency)]
+    service: Latency,
+    /// Probability that a message is lost and retransmitted.
+    #[arg(long, default_value_t = Config::default().loss)]
+    loss: f64,
+    /// Retransmission timeout.
+    #[arg(long, default_value = "5ms", value_parser = parse_micros)]
+    rto: u64,
+    /// A network partition START+LENGTH (repeatable), e.g. 100ms+20ms.
+    #[arg(long = "partition", value_parser = parse_window)]
+    partitions: Vec<Window>,
+    /// A server crash START+DOWNTIME (repeatable), e.g. 300ms+50ms.
+    #[arg(long = "crash", value_parser = parse_window)]
+    crashes: Vec<Window>,
+    /// Credits (concurrent exchanges) per client at the server.
+    #[arg(long, default_value_t = Config::default().credits)]
+    credits: u32,
 }
 
 #[derive(Args)]
 struct RunArgs {
-    /// Seed for every random choice; the same seed in deterministic mode gives the same report.
-    #[arg(long, default_value_t = Config::default().seed)]
-    seed: u64,
     /// deterministic: one thread, virtual time. threads: real threads, wall-clock time.
     #[arg(long, value_enum, default_value_t = Mode::Deterministic)]
     mode: Mode,
@@ -47,33 +128,11 @@ struct RunArgs {
     /// Probability that a request is cancelled by the user at a random time.
     #[arg(long, default_value_t = Config::default().cancel_rate)]
     cancel_rate: f64,
-    /// One-way network latency: D, uniform:A..B, exp:MEAN or normal:MEAN,SD (e.g. exp:400us).
-    #[arg(long, default_value_t = Config::default().latency, value_parser = parse_latency)]
-    latency: Latency,
-    /// Extra uniform jitter per message, 0..=D.
-    #[arg(long, default_value = "100us", value_parser = parse_micros)]
-    jitter: u64,
-    /// Server time per exchange (same forms as --latency).
-    #[arg(long, default_value_t = Config::default().service, value_parser = parse_latency)]
-    service: Latency,
     /// Per-request timeout (0: none); change-notify never times out.
     #[arg(long, default_value = "5ms", value_parser = parse_micros)]
     timeout: u64,
-    /// Probability that a message is lost and retransmitted.
-    #[arg(long, default_value_t = Config::default().loss)]
-    loss: f64,
-    /// Retransmission timeout.
-    #[arg(long, default_value = "5ms", value_parser = parse_micros)]
-    rto: u64,
-    /// A network partition START+LENGTH (repeatable), e.g. 100ms+20ms.
-    #[arg(long = "partition", value_parser = parse_window)]
-    partitions: Vec<Window>,
-    /// A server crash START+DOWNTIME (repeatable), e.g. 300ms+50ms.
-    #[arg(long = "crash", value_parser = parse_window)]
-    crashes: Vec<Window>,
-    /// Credits (concurrent exchanges) per client at the server.
-    #[arg(long, default_value_t = Config::default().credits)]
-    credits: u32,
+    #[command(flatten)]
+    net: NetArgs,
     /// Operation mix, e.g. read=30,write=20,query_info=12,create=8,close=8,dir_enum=8,change_notify=4,pipe_transact=10.
     #[arg(long, default_value_t = OpMix::default(), value_parser = parse_mix)]
     mix: OpMix,
@@ -107,22 +166,22 @@ fn parse_mix(text: &str) -> Result<OpMix, String> {
 impl RunArgs {
     fn config(&self) -> Config {
         Config {
-            seed: self.seed,
+            seed: self.net.seed,
             mode: self.mode,
             threads: self.threads,
             clients: self.clients,
             requests: self.requests,
             depth: self.depth,
             cancel_rate: self.cancel_rate,
-            latency: self.latency,
-            jitter: self.jitter,
-            service: self.service,
+            latency: self.net.latency,
+            jitter: self.net.jitter,
+            service: self.net.service,
             timeout: (self.timeout > 0).then_some(self.timeout),
-            loss: self.loss,
-            rto: self.rto,
-            partitions: self.partitions.clone(),
-            crashes: self.crashes.clone(),
-            credits: self.credits,
+            loss: self.net.loss,
+            rto: self.net.rto,
+            partitions: self.net.partitions.clone(),
+            crashes: self.net.crashes.clone(),
+            credits: self.net.credits,
             mix: self.mix.clone(),
             arm_cancel_routines: !self.no_cancel_routines,
             teardown_at: self.teardown_at,
@@ -136,7 +195,83 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run(args) => run(&args),
+        #[cfg(target_os = "linux")]
+        Command::Mount(args) => mount(&args),
+        #[cfg(target_os = "linux")]
+        Command::Probe(args) => match rxfuse::probe::run(&args.file, args.count, args.len) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("rxsim probe: {}: {e}", args.file.display());
+                ExitCode::FAILURE
+            }
+        },
     }
+}
+
+#[cfg(target_os = "linux")]
+fn mount(args: &MountArgs) -> ExitCode {
+    let config = Config {
+        seed: args.net.seed,
+        latency: args.net.latency,
+        jitter: args.net.jitter,
+        service: args.net.service,
+        loss: args.net.loss,
+        rto: args.net.rto,
+        partitions: args.net.partitions.clone(),
+        crashes: args.net.crashes.clone(),
+        credits: args.net.credits,
+        mode: Mode::Threads,
+        ..Config::default()
+    };
+    let options = rxfuse::FsOptions {
+        interrupt_retry_delay: Duration::from_micros(args.interrupt_retry.max(1)),
+        ..rxfuse::FsOptions::default()
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("rxsim: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(async {
+        let mounted = match rxsim::mount::mount(&config, &args.slow_files, &args.dir, options).await
+        {
+            Ok(mounted) => mounted,
+            Err(message) => {
+                eprintln!("rxsim: {message}");
+                return ExitCode::from(2);
+            }
+        };
+        eprintln!(
+            "rxsim: the simulated share is mounted on {}; SIGINT (Ctrl-C) or SIGTERM unmounts",
+            args.dir.display()
+        );
+        match mounted.serve_until_signal().await {
+            Ok(summary) => {
+                if args.json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&summary).unwrap_or_default()
+                    );
+                } else {
+                    print!("{summary}");
+                }
+                if summary.contexts_left == 0 {
+                    ExitCode::SUCCESS
+                } else {
+                    ExitCode::from(1)
+                }
+            }
+            Err(message) => {
+                eprintln!("rxsim: {message}");
+                ExitCode::from(1)
+            }
+        }
+    })
 }
 
 fn run(args: &RunArgs) -> ExitCode {

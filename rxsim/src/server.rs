@@ -12,12 +12,25 @@
 //!    ([`OpKind::cancellable_at_server`]); for the others, and for exchanges the server does not
 //!    know (already finished, or overtaken on the network), it changes nothing.
 //! 4. All state is behind one mutex; no method calls out while holding it.
+//! 5. Directories are implied by files: `d` is a directory when it is the root `""` or some file
+//!    is named `d/...`. There are no empty directories; deleting a directory's last file removes
+//!    the directory.
+//! 6. No request panics the server, whatever its path, offset or size: a file never grows beyond
+//!    [`MAX_FILE_SIZE`] (`STATUS_INVALID_PARAMETER`), and reads clamp to the file.
 
 use crate::config::OpKind;
 use rdbss::NtStatus;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
+use std::ops::Bound;
 use std::sync::{Mutex, MutexGuard};
+
+/// `STATUS_FILE_IS_A_DIRECTORY` (0xC00000BA): a file operation named a directory. The core has
+/// no constant for it, so it prints as `0xC00000BA`.
+pub const STATUS_FILE_IS_A_DIRECTORY: NtStatus = NtStatus::from_code(0xC000_00BA);
+
+/// The largest size a file may reach by a write or a truncate (invariant 6): 4 GiB.
+pub const MAX_FILE_SIZE: u64 = 1 << 32;
 
 /// What a request asks the server to do.
 #[derive(Clone, PartialEq, Eq, Debug)]
@@ -45,12 +58,13 @@ pub enum Op {
         /// What.
         data: Vec<u8>,
     },
-    /// The file's size (`info`).
+    /// The file's size (`info`); [`STATUS_FILE_IS_A_DIRECTORY`] for a directory (invariant 5).
     QueryInfo {
         /// The file.
         path: String,
     },
-    /// The directory's entries, one name per line.
+    /// The directory's entries, one name per line, in name order: each file directly in it, and
+    /// each immediate subdirectory once, with a trailing `/`. The root is `""`.
     DirEnum {
         /// The directory.
         dir: String,
@@ -70,6 +84,21 @@ pub enum Op {
         /// The file id.
         fid: u64,
     },
+    /// Removes a file (`STATUS_OBJECT_NAME_NOT_FOUND` if missing); changes its directory. Open
+    /// file ids stay valid for `Close`. Its kind is [`OpKind::Write`]: not cancellable at the
+    /// server, and counted with writes in reports.
+    Delete {
+        /// The file.
+        path: String,
+    },
+    /// Sets a file's length, cutting it or zero-filling it; changes its directory. Its kind is
+    /// [`OpKind::Write`], like [`Op::Delete`].
+    Truncate {
+        /// The file.
+        path: String,
+        /// The new length.
+        size: u64,
+    },
 }
 
 impl Op {
@@ -78,7 +107,9 @@ impl Op {
         match self {
             Op::Create { .. } => OpKind::Create,
             Op::Read { .. } => OpKind::Read,
-            Op::Write { .. } => OpKind::Write,
+            // Delete and truncate change the share like a write and, like it, run to completion
+            // once the server has them; no kind of their own keeps the reports unchanged.
+            Op::Write { .. } | Op::Delete { .. } | Op::Truncate { .. } => OpKind::Write,
             Op::QueryInfo { .. } => OpKind::QueryInfo,
             Op::DirEnum { .. } => OpKind::DirEnum,
             Op::ChangeNotify { .. } => OpKind::ChangeNotify,
@@ -189,6 +220,15 @@ pub struct Server {
 /// Where a path's directory is.
 fn parent(path: &str) -> &str {
     path.rsplit_once('/').map_or("", |(dir, _)| dir)
+}
+
+/// What the names of the files in directory `dir` start with: `dir/`, or nothing for the root.
+fn dir_prefix(dir: &str) -> String {
+    if dir.is_empty() {
+        String::new()
+    } else {
+        format!("{dir}/")
+    }
 }
 
 impl Server {
@@ -401,14 +441,19 @@ impl State {
                     if offset >= size && len > 0 {
                         return (NtStatus::END_OF_FILE, Vec::new(), 0, None);
                     }
-                    let end = (offset + u64::from(len)).min(size);
-                    let data = file.data[offset as usize..end as usize].to_vec();
+                    // Invariant 6: a zero-length read past the end reads nothing.
+                    let start = offset.min(size);
+                    let end = offset.saturating_add(u64::from(len)).min(size);
+                    let data = file.data[start as usize..end as usize].to_vec();
                     let n = data.len() as u64;
                     (NtStatus::SUCCESS, data, n, None)
                 }
             },
             Op::Write { path, offset, data } => match self.files.get_mut(&path) {
                 None => (NtStatus::OBJECT_NAME_NOT_FOUND, Vec::new(), 0, None),
+                Some(_) if offset.saturating_add(data.len() as u64) > MAX_FILE_SIZE => {
+                    (NtStatus::INVALID_PARAMETER, Vec::new(), 0, None)
+                }
                 Some(file) => {
                     let end = offset as usize + data.len();
                     if file.data.len() < end {
@@ -420,15 +465,35 @@ impl State {
                 }
             },
             Op::QueryInfo { path } => match self.files.get(&path) {
-                None => (NtStatus::OBJECT_NAME_NOT_FOUND, Vec::new(), 0, None),
                 Some(file) => (NtStatus::SUCCESS, Vec::new(), file.data.len() as u64, None),
+                None if self.is_dir(&path) => (STATUS_FILE_IS_A_DIRECTORY, Vec::new(), 0, None),
+                None => (NtStatus::OBJECT_NAME_NOT_FOUND, Vec::new(), 0, None),
             },
             Op::DirEnum { dir } => {
-                let prefix = format!("{dir}/");
+                let prefix = dir_prefix(&dir);
                 let mut listing = Vec::new();
-                for name in self.files.keys().filter(|p| p.starts_with(&prefix)) {
-                    listing.extend_from_slice(&name.as_bytes()[prefix.len()..]);
-                    listing.push(b'\n');
+                // Names under a prefix are contiguous in the ordered map, and so are those of one
+                // subdirectory: comparing with the last subdirectory listed lists each once.
+                let mut last_dir: Option<&str> = None;
+                let under = self
+                    .files
+                    .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+                    .map(|(name, _)| name)
+                    .take_while(|name| name.starts_with(&prefix));
+                for name in under {
+                    let rest = &name[prefix.len()..];
+                    match rest.split_once('/') {
+                        None => {
+                            listing.extend_from_slice(rest.as_bytes());
+                            listing.push(b'\n');
+                        }
+                        Some((sub, _)) if last_dir != Some(sub) => {
+                            last_dir = Some(sub);
+                            listing.extend_from_slice(sub.as_bytes());
+                            listing.extend_from_slice(b"/\n");
+                        }
+                        Some(_) => {}
+                    }
                 }
                 let n = listing.len() as u64;
                 (NtStatus::SUCCESS, listing, n, None)
@@ -444,7 +509,38 @@ impl State {
                 Some(_) => (NtStatus::SUCCESS, Vec::new(), 0, None),
                 None => (NtStatus::INVALID_HANDLE, Vec::new(), 0, None),
             },
+            Op::Delete { path } => match self.files.remove(&path) {
+                None => (NtStatus::OBJECT_NAME_NOT_FOUND, Vec::new(), 0, None),
+                Some(_) => {
+                    let dir = parent(&path).to_string();
+                    (NtStatus::SUCCESS, Vec::new(), 0, Some(dir))
+                }
+            },
+            Op::Truncate { path, size } => match self.files.get_mut(&path) {
+                None => (NtStatus::OBJECT_NAME_NOT_FOUND, Vec::new(), 0, None),
+                // Invariant 6.
+                Some(_) if size > MAX_FILE_SIZE => {
+                    (NtStatus::INVALID_PARAMETER, Vec::new(), 0, None)
+                }
+                Some(file) => {
+                    file.data.resize(size as usize, 0);
+                    let dir = parent(&path).to_string();
+                    (NtStatus::SUCCESS, Vec::new(), size, Some(dir))
+                }
+            },
         }
+    }
+
+    /// Whether `path` is a directory (invariant 5): the root, or a prefix of some file's name.
+    fn is_dir(&self, path: &str) -> bool {
+        if path.is_empty() {
+            return true;
+        }
+        let prefix = dir_prefix(path);
+        self.files
+            .range::<str, _>((Bound::Included(prefix.as_str()), Bound::Unbounded))
+            .next()
+            .is_some_and(|(name, _)| name.starts_with(&prefix))
     }
 
     /// Completes every change-notify watching `dir` (each returns its credit).
@@ -576,5 +672,115 @@ mod tests {
             Received::Started { .. }
         ));
         assert_eq!(s.finish(0, 3, 2)[0].status, NtStatus::INVALID_HANDLE);
+    }
+
+    /// Runs one operation to its end and returns its reply.
+    fn run(s: &Server, msg: u64, op: Op) -> Reply {
+        assert!(matches!(
+            s.receive(request(msg, op)),
+            Received::Started { finishes: true }
+        ));
+        s.finish(0, msg, 1).remove(0)
+    }
+
+    #[test]
+    fn delete_and_truncate_change_the_share_and_run_like_writes() {
+        let s = server();
+        let delete = Op::Delete {
+            path: "d0/f0".into(),
+        };
+        let truncate = Op::Truncate {
+            path: "d0/f0".into(),
+            size: 8,
+        };
+        assert_eq!(
+            (delete.kind(), truncate.kind()),
+            (OpKind::Write, OpKind::Write)
+        );
+        s.receive(request(1, Op::ChangeNotify { dir: "d0".into() }));
+        // Zero-filling, and the directory's change-notify fires.
+        s.receive(request(2, truncate));
+        assert!(s.cancel(0, 2, 1).is_none(), "not cancellable at the server");
+        let replies = s.finish(0, 2, 1);
+        assert_eq!((replies[0].status, replies[0].info), (NtStatus::SUCCESS, 8));
+        assert_eq!(replies[1].msg, 1);
+        assert_eq!(s.file("d0/f0").unwrap(), b"hello\0\0\0");
+        let cut = Op::Truncate {
+            path: "d0/f0".into(),
+            size: 2,
+        };
+        assert_eq!(run(&s, 3, cut).status, NtStatus::SUCCESS);
+        assert_eq!(s.file("d0/f0").unwrap(), b"he");
+        let huge = Op::Truncate {
+            path: "d0/f0".into(),
+            size: u64::MAX,
+        };
+        assert_eq!(run(&s, 4, huge).status, NtStatus::INVALID_PARAMETER);
+        assert_eq!(run(&s, 5, delete.clone()).status, NtStatus::SUCCESS);
+        assert_eq!(s.file("d0/f0"), None);
+        assert_eq!(run(&s, 6, delete).status, NtStatus::OBJECT_NAME_NOT_FOUND);
+        let missing = Op::Truncate {
+            path: "d0/f0".into(),
+            size: 1,
+        };
+        assert_eq!(run(&s, 7, missing).status, NtStatus::OBJECT_NAME_NOT_FOUND);
+        // The last file gone, the directory is gone too (invariant 5).
+        let query = Op::QueryInfo { path: "d0".into() };
+        assert_eq!(run(&s, 8, query).status, NtStatus::OBJECT_NAME_NOT_FOUND);
+        assert_eq!(s.credits_in_use(), 0);
+    }
+
+    #[test]
+    fn directories_are_listed_and_refused_as_files() {
+        let share: Vec<(String, Vec<u8>)> =
+            ["top", "a/x", "a/b/y", "a/b/z", "a/c/w", "a.txt", "a0"]
+                .iter()
+                .map(|p| (p.to_string(), vec![1, 2, 3]))
+                .collect();
+        let s = Server::new(1, 64, &share, false);
+        let mut msg = 0;
+        let mut list = |dir: &str| {
+            msg += 1;
+            let reply = run(&s, msg, Op::DirEnum { dir: dir.into() });
+            assert_eq!(reply.status, NtStatus::SUCCESS);
+            String::from_utf8(reply.data).unwrap()
+        };
+        assert_eq!(list(""), "a.txt\na/\na0\ntop\n");
+        assert_eq!(list("a"), "b/\nc/\nx\n");
+        assert_eq!(list("a/b"), "y\nz\n");
+        assert_eq!(list("nothing"), "");
+        for (msg, path, status, info) in [
+            (100, "", STATUS_FILE_IS_A_DIRECTORY, 0),
+            (101, "a", STATUS_FILE_IS_A_DIRECTORY, 0),
+            (102, "a/b", STATUS_FILE_IS_A_DIRECTORY, 0),
+            (103, "a/x", NtStatus::SUCCESS, 3),
+            (104, "a/", NtStatus::OBJECT_NAME_NOT_FOUND, 0),
+            (105, "a/q", NtStatus::OBJECT_NAME_NOT_FOUND, 0),
+            (106, "b", NtStatus::OBJECT_NAME_NOT_FOUND, 0),
+        ] {
+            let reply = run(&s, msg, Op::QueryInfo { path: path.into() });
+            assert_eq!((reply.status, reply.info), (status, info), "{path:?}");
+        }
+        assert_eq!(STATUS_FILE_IS_A_DIRECTORY.to_string(), "0xC00000BA");
+    }
+
+    #[test]
+    fn bad_offsets_never_panic() {
+        let s = server();
+        let read = |offset, len| Op::Read {
+            path: "d0/f0".into(),
+            offset,
+            len,
+        };
+        assert_eq!(run(&s, 1, read(100, 0)).data, b"");
+        assert_eq!(run(&s, 2, read(u64::MAX, 7)).status, NtStatus::END_OF_FILE);
+        assert_eq!(run(&s, 3, read(3, u32::MAX)).data, b"lo");
+        let write = Op::Write {
+            path: "d0/f0".into(),
+            offset: u64::MAX,
+            data: vec![1],
+        };
+        assert_eq!(run(&s, 4, write).status, NtStatus::INVALID_PARAMETER);
+        assert_eq!(s.file("d0/f0").unwrap(), b"hello");
     }
 }
