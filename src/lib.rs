@@ -55,7 +55,9 @@ pub mod bugcheck;
 pub mod context;
 pub mod interrupt;
 pub mod irql;
+pub mod mi;
 pub mod registry;
+pub mod resmon;
 pub mod spinlock;
 pub mod status;
 mod sync;
@@ -69,7 +71,11 @@ pub use context::{
 };
 pub use interrupt::{InterruptOutcome, InterruptTable, Registration, Settled};
 pub use irql::Irql;
+pub use mi::{
+    MiCallerId, MiCancellationReason, MiContext, MiOperation, MiOperationKind, MiResult, MiSession,
+};
 pub use registry::{CancelByIdOutcome, ContextRef, Dereferenced, DrainStatus, Rdbss, RequestId};
+pub use resmon::{ResourceMonitor, ResourceState, Win32Error};
 pub use spinlock::{KSpinLock, KSpinLockGuard};
 pub use status::NtStatus;
 #[cfg(all(feature = "std", not(loom)))]
