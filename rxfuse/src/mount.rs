@@ -1,11 +1,13 @@
-//! Mounting: checks that give a clear error before anything is tried, the mount itself (through
-//! `fusermount3`, so the same path works for root and for users), serving until SIGINT or
-//! SIGTERM, and an unmount guard for tests.
+//! Mounting: checks that give a clear error before anything is tried, the mount itself, serving
+//! until SIGINT or SIGTERM, and an unmount guard for tests.
+//!
+//! Root mounts with the `mount(2)` system call directly, so a machine with `/dev/fuse` needs
+//! nothing else installed; any other user mounts through `fusermount3` (FUSE 3's setuid helper).
 //!
 //! Invariants:
-//! 1. [`preflight`] fails, naming what is missing, when `/dev/fuse` cannot be opened, when
-//!    `fusermount3` is not on `PATH`, or when the mount point is not an empty directory; nothing
-//!    is mounted then.
+//! 1. [`preflight`] fails, naming what is missing, when `/dev/fuse` cannot be opened, when the
+//!    caller is not root and `fusermount3` is not on `PATH`, or when the mount point is not an
+//!    empty directory; nothing is mounted then.
 //! 2. [`serve_until_signal`] returns only once the file system is unmounted (by a signal, or from
 //!    outside with `fusermount3 -u`).
 //! 3. An [`UnmountGuard`] unmounts on drop, also while a failing test unwinds; unmounting
@@ -40,6 +42,11 @@ pub enum MountError {
 impl fmt::Display for MountError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            MountError::NoDevFuse(e) if e.kind() == io::ErrorKind::PermissionDenied => write!(
+                f,
+                "cannot open /dev/fuse ({e}): run as root or give this user read and write access \
+                 to /dev/fuse"
+            ),
             MountError::NoDevFuse(e) => write!(
                 f,
                 "cannot open /dev/fuse ({e}): load the fuse module (modprobe fuse) or, in a \
@@ -59,6 +66,44 @@ impl fmt::Display for MountError {
 
 impl std::error::Error for MountError {}
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_name_what_is_missing_and_how_to_get_it() {
+        let missing = MountError::NoDevFuse(io::Error::from(io::ErrorKind::NotFound));
+        assert!(missing.to_string().contains("modprobe fuse"), "{missing}");
+        let denied = MountError::NoDevFuse(io::Error::from(io::ErrorKind::PermissionDenied));
+        assert!(denied.to_string().contains("run as root"), "{denied}");
+        let helper = MountError::NoFusermount3.to_string();
+        assert!(helper.contains("apt-get install fuse3"), "{helper}");
+    }
+
+    #[test]
+    fn preflight_refuses_a_missing_or_non_empty_mount_point() {
+        if !Path::new("/dev/fuse").exists() {
+            eprintln!("SKIPPED: /dev/fuse does not exist (preflight fails on it first)");
+            return;
+        }
+        if !is_root() && find_fusermount3().is_none() {
+            assert!(matches!(
+                preflight(Path::new("/")),
+                Err(MountError::NoFusermount3)
+            ));
+            return;
+        }
+        let missing = preflight(Path::new("/nonexistent/rxfuse"));
+        assert!(
+            matches!(missing, Err(MountError::BadMountPoint(..))),
+            "{missing:?}"
+        );
+        let busy = preflight(Path::new(env!("CARGO_MANIFEST_DIR")));
+        let message = busy.as_ref().map_err(ToString::to_string).unwrap_err();
+        assert!(message.contains("not empty"), "{message}");
+    }
+}
+
 /// Where `fusermount3` is, if it is on `PATH`.
 pub fn find_fusermount3() -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -74,7 +119,9 @@ pub fn preflight(mountpoint: &Path) -> Result<(), MountError> {
         .write(true)
         .open("/dev/fuse")
         .map_err(MountError::NoDevFuse)?;
-    find_fusermount3().ok_or(MountError::NoFusermount3)?;
+    if !is_root() {
+        find_fusermount3().ok_or(MountError::NoFusermount3)?;
+    }
     let bad = |why: String| MountError::BadMountPoint(mountpoint.to_path_buf(), why);
     let mut entries = std::fs::read_dir(mountpoint).map_err(|e| bad(e.to_string()))?;
     if entries.next().is_some() {
@@ -96,10 +143,19 @@ pub async fn mount<B: Backend>(
         .fs_name(fs_name)
         .uid(current_uid())
         .gid(current_gid());
-    Session::new(options)
-        .mount_with_unprivileged(fs, mountpoint)
-        .await
-        .map_err(MountError::Mount)
+    let session = Session::new(options);
+    let mounted = if is_root() {
+        session.mount(fs, mountpoint).await
+    } else {
+        session.mount_with_unprivileged(fs, mountpoint).await
+    };
+    mounted.map_err(MountError::Mount)
+}
+
+/// Whether the process runs as root (effective user id 0), which mounts without `fusermount3`.
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions, touches no memory of ours and cannot fail.
+    unsafe { libc::geteuid() == 0 }
 }
 
 /// The calling process's user id.
@@ -157,8 +213,20 @@ where
     Ok(Stopped::Signal)
 }
 
-/// `fusermount3 -u -z MOUNTPOINT`.
+/// Detaches the mount at once, even if it is busy (the kernel finishes when it is no longer
+/// used): `umount2(MNT_DETACH)` as root, `fusermount3 -u -z` otherwise.
 pub fn lazy_unmount(mountpoint: &Path) -> io::Result<()> {
+    if is_root() {
+        let path = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes())
+            .map_err(|_| io::Error::other("mount point path holds a NUL byte"))?;
+        // SAFETY: `path` is a valid NUL-terminated string that outlives the call.
+        let rc = unsafe { libc::umount2(path.as_ptr(), libc::MNT_DETACH) };
+        return if rc == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        };
+    }
     let fusermount = find_fusermount3().ok_or_else(|| io::Error::other("fusermount3 not found"))?;
     let status = Command::new(fusermount)
         .arg("-u")

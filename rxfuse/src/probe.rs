@@ -223,10 +223,14 @@ impl Drop for ProbeChild {
 
 /// Whether this machine can mount FUSE file systems: `Ok(false)` only when `/dev/fuse` does not
 /// exist (tests skip, saying so); an error when it exists but something else is missing
-/// (`fusermount3`), so a half-set-up machine fails loudly instead of skipping.
+/// (`fusermount3`, for a user other than root), so a half-set-up machine fails loudly instead of
+/// skipping.
 pub fn fuse_available() -> Result<bool, String> {
     if !Path::new("/dev/fuse").exists() {
         return Ok(false);
+    }
+    if crate::mount::is_root() {
+        return Ok(true);
     }
     crate::mount::find_fusermount3()
         .map(|_| true)
