@@ -10,7 +10,7 @@
 //!   Files are opened with `FOPEN_DIRECT_IO` so reads reach the daemon and can be interrupted.
 //! - [`probe`]: a reader process with a SIGUSR1 handler (no `SA_RESTART`), for end-to-end
 //!   interrupt tests and the latency benchmark.
-//! - [`mount`]: clear errors when `/dev/fuse` or `fusermount3` is missing, mounting, serving
+//! - [`mod@mount`]: clear errors when `/dev/fuse` or `fusermount3` is missing, mounting, serving
 //!   until SIGINT/SIGTERM, and an unmount guard for tests.
 //!
 //! The `rxsim mount DIR` command serves the simulator's share with it; see `docs/fuse.md`.
