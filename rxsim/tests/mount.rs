@@ -417,3 +417,105 @@ fn interrupt_for_an_answered_request_changes_nothing() {
         live.shutdown(Duration::from_secs(5)).await.unwrap();
     });
 }
+
+/// Waits until `dir` is (or is no longer) a mount point.
+fn wait_mounted(dir: &Path, mounted: bool) {
+    wait_until(
+        if mounted { "the mount" } else { "the unmount" },
+        Duration::from_secs(10),
+        || rxfuse::mount::is_mounted(dir) == mounted,
+    );
+}
+
+/// The command itself: `rxsim mount DIR` in its own process, a reader blocked on the slow file,
+/// then SIGINT (as Ctrl-C in its terminal would send) and SIGTERM: the blocked reader gets
+/// `EINTR`, the share is unmounted, the summary says the instance drained, the exit code is 0.
+#[test]
+fn rxsim_mount_command_unmounts_cleanly_on_sigint_and_sigterm() {
+    match fuse_available() {
+        Ok(true) => {}
+        Ok(false) => {
+            eprintln!("SKIPPED: /dev/fuse does not exist on this machine; no real mount");
+            return;
+        }
+        Err(e) => panic!("FUSE is half set up: {e}"),
+    }
+    for (name, signal) in [("sigint", libc::SIGINT), ("sigterm", libc::SIGTERM)] {
+        let dir = std::env::temp_dir().join(format!("rxsim-cli-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let _guard = UnmountGuard::new(&dir);
+        let mut daemon = std::process::Command::new(env!("CARGO_BIN_EXE_rxsim"))
+            .args(["mount".as_ref(), dir.as_os_str()])
+            .args([
+                "--slow-file",
+                "slow=10s",
+                "--latency",
+                "0",
+                "--service",
+                "0",
+            ])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_mounted(&dir, true);
+        let reader = ProbeChild::spawn(
+            Path::new(env!("CARGO_BIN_EXE_rxsim")),
+            ["probe".as_ref(), dir.join("slow").as_os_str()],
+        )
+        .unwrap();
+        assert_eq!(
+            reader.next_line(Duration::from_secs(10)),
+            Some(ProbeLine::Ready)
+        );
+        // Give the read time to reach the daemon (it is in another process here).
+        std::thread::sleep(Duration::from_millis(200));
+        rxfuse::probe::send_signal(daemon.id(), signal).unwrap();
+        let line = reader.next_line(Duration::from_secs(5));
+        assert!(
+            matches!(line, Some(ProbeLine::Eintr(_))),
+            "{name}: {line:?}"
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Some(status) = daemon.try_wait().unwrap() {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name}: rxsim mount did not exit"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        };
+        let out = daemon.wait_with_output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(status.success(), "{name}: {status}: {stdout}");
+        assert!(
+            stdout.contains("instance drained: 0 contexts left"),
+            "{name}: {stdout}"
+        );
+        assert!(stdout.contains("1 aborted by CANCEL"), "{name}: {stdout}");
+        wait_mounted(&dir, false);
+    }
+}
+
+#[test]
+fn rxsim_mount_refuses_a_bad_mount_point_with_exit_code_2_and_a_message() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_rxsim"))
+        .args(["mount", env!("CARGO_MANIFEST_DIR")])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    // Where /dev/fuse is missing that is what the message names; otherwise the directory.
+    assert!(
+        stderr.contains("not empty") || stderr.contains("/dev/fuse"),
+        "{stderr}"
+    );
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_rxsim"))
+        .args(["mount", "/tmp", "--slow-file", "no-duration"])
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("PATH=DURATION"));
+}
