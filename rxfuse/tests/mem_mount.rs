@@ -159,13 +159,24 @@ fn mount_dir(name: &str) -> PathBuf {
     dir
 }
 
-/// A mounted in-memory backend; the guard unmounts on drop.
+/// A mounted in-memory backend. On drop it unmounts first, then stops the runtime with a
+/// timeout: a root mount reads `/dev/fuse` on a blocking thread, which only returns once the
+/// file system is unmounted, so the other order would hang.
 struct Mounted {
-    _runtime: tokio::runtime::Runtime,
+    runtime: Option<tokio::runtime::Runtime>,
     mem: Arc<Mem>,
     handle: rxfuse::AdapterHandle<Req>,
     dir: PathBuf,
-    _guard: UnmountGuard,
+    guard: Option<UnmountGuard>,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
 }
 
 /// Mounts a fresh in-memory backend on a runtime of its own; `None` (after saying why) where the
@@ -203,11 +214,11 @@ fn mount(name: &str) -> Option<Mounted> {
     // The session runs on the runtime; dropping the handle would unmount.
     std::mem::forget(mount);
     Some(Mounted {
-        _runtime: runtime,
+        runtime: Some(runtime),
         mem,
         handle,
         dir,
-        _guard: guard,
+        guard: Some(guard),
     })
 }
 

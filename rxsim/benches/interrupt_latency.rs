@@ -85,12 +85,14 @@ fn bench() -> Result<(), String> {
 
     let dir = std::env::temp_dir().join(format!("rxsim-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    let _guard = UnmountGuard::new(&dir);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .map_err(|e| e.to_string())?;
+    // Declared after the runtime, so it is dropped (unmounting) before the runtime: a root
+    // mount's blocking /dev/fuse read only returns once the file system is unmounted.
+    let _guard = UnmountGuard::new(&dir);
     let config = Config {
         latency: Latency::Fixed(0),
         jitter: 0,

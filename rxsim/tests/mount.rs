@@ -24,13 +24,26 @@ const SLOW: Duration = Duration::from_secs(10);
 /// The bug-check count is process-wide: tests that assert on it take turns.
 static SERIAL: Mutex<()> = Mutex::new(());
 
+/// A mounted share. Dropped (a failing test), it unmounts first and then stops the runtime with
+/// a timeout: a root mount reads `/dev/fuse` on a blocking thread, which only returns once the
+/// file system is unmounted, so the other order would hang instead of failing.
 struct Fixture {
-    runtime: tokio::runtime::Runtime,
+    runtime: Option<tokio::runtime::Runtime>,
     mounted: Option<Mounted>,
     dir: PathBuf,
     bug_checks_before: usize,
-    _guard: UnmountGuard,
+    guard: Option<UnmountGuard>,
     _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        drop(self.mounted.take());
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_secs(5));
+        }
+    }
 }
 
 impl Fixture {
@@ -68,11 +81,11 @@ impl Fixture {
             .block_on(mount(&config, &slow, &dir, FsOptions::default()))
             .unwrap_or_else(|e| panic!("mount: {e}"));
         Some(Fixture {
-            runtime,
+            runtime: Some(runtime),
             mounted: Some(mounted),
             dir,
             bug_checks_before,
-            _guard: guard,
+            guard: Some(guard),
             _serial: serial,
         })
     }
@@ -109,7 +122,8 @@ impl Fixture {
     /// check happened.
     fn unmount(mut self) -> MountSummary {
         let mounted = self.mounted.take().expect("mounted once");
-        let summary = self.runtime.block_on(mounted.unmount()).expect("unmount");
+        let runtime = self.runtime.as_ref().expect("running");
+        let summary = runtime.block_on(mounted.unmount()).expect("unmount");
         assert_eq!(
             summary.contexts_left, 0,
             "instance did not drain: {summary}"
