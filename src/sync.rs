@@ -1,8 +1,9 @@
-//! The synchronisation facade: the only module that knows about loom.
+//! The synchronisation facade: the only module that knows about loom and shuttle.
 //!
 //! Every other module imports its atomics, its mutex and its per-thread state from here, so that a
-//! `--cfg loom` build swaps all of them for loom's model-checked versions at once and the rest of
-//! the crate is written once.
+//! `--cfg loom` build swaps all of them for loom's model-checked versions at once (and a
+//! `--cfg shuttle` build for shuttle's randomly scheduled ones), and the rest of the crate is
+//! written once.
 //!
 //! # Invariants
 //!
@@ -21,16 +22,30 @@
 //! 5. A thread's cached epoch handle ([`pin`]) is dropped by [`forget_cached_handle`] when its
 //!    instance goes away on that thread; on other threads it lives until the thread pins another
 //!    instance or exits (keeping only the collector's bookkeeping, not freed contexts, alive).
+//! 6. Under `--cfg shuttle` (randomized schedules of larger scenarios than loom can explore, see
+//!    the `shuttle-tests` crate), the atomics, the mutex and the per-thread processor state are
+//!    shuttle's, so shuttle chooses who runs at each of them; crossbeam-epoch keeps its own real
+//!    atomics (shuttle runs one thread at a time, so they stay correct, just not explored), and
+//!    the per-thread epoch-handle cache is off (shuttle's threads share one OS thread). `loom` and
+//!    `shuttle` exclude each other.
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{
     fence, AtomicBool, AtomicI32, AtomicU32, AtomicU8, AtomicUsize, Ordering,
 };
 
-#[cfg(not(loom))]
+#[cfg(shuttle)]
+pub(crate) use shuttle::sync::atomic::{
+    fence, AtomicBool, AtomicI32, AtomicU32, AtomicU8, AtomicUsize, Ordering,
+};
+
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) use core::sync::atomic::{
     fence, AtomicBool, AtomicI32, AtomicU32, AtomicU8, AtomicUsize, Ordering,
 };
+
+#[cfg(all(loom, shuttle))]
+compile_error!("--cfg loom and --cfg shuttle exclude each other");
 
 // Epoch-based reclamation for the registry (`registry` invariants). Under loom, crossbeam-epoch
 // must itself be built against loom, which it does under `--cfg crossbeam_loom`.
@@ -47,11 +62,50 @@ pub(crate) mod untracked {
 }
 
 /// The mutex a [`crate::spinlock::KSpinLock`] is built on: `spin`'s in normal builds.
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) type Mutex<T> = spin::Mutex<T>;
 /// The guard of [`Mutex`].
-#[cfg(not(loom))]
+#[cfg(not(any(loom, shuttle)))]
 pub(crate) type MutexGuard<'a, T> = spin::MutexGuard<'a, T>;
+
+/// Under shuttle the lock is shuttle's own mutex, so shuttle picks who gets it first (invariant
+/// 6); a spin loop would never yield to shuttle's scheduler.
+#[cfg(shuttle)]
+#[derive(Debug)]
+pub(crate) struct Mutex<T>(shuttle::sync::Mutex<T>);
+/// The guard of [`Mutex`].
+#[cfg(shuttle)]
+pub(crate) type MutexGuard<'a, T> = shuttle::sync::MutexGuard<'a, T>;
+
+#[cfg(shuttle)]
+impl<T> Mutex<T> {
+    pub(crate) const fn new(value: T) -> Self {
+        Self(shuttle::sync::Mutex::new(value))
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        // Poisoned only if a thread panicked holding it, which already fails the test.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
+        self.0.try_lock().ok()
+    }
+
+    pub(crate) fn into_inner(self) -> T {
+        self.0
+            .into_inner()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn get_mut(&mut self) -> &mut T {
+        self.0
+            .get_mut()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 /// Under loom the lock is loom's own mutex, so loom explores who gets it first (invariant 1).
 #[cfg(loom)]
@@ -100,9 +154,14 @@ pub(crate) struct ThreadCpu {
     pub(crate) irql: core::cell::Cell<u8>,
 }
 
-#[cfg(all(feature = "std", not(loom)))]
+#[cfg(all(feature = "std", not(loom), not(shuttle)))]
 std::thread_local! {
     static THREAD_CPU: ThreadCpu = const { ThreadCpu { irql: core::cell::Cell::new(0) } };
+}
+
+#[cfg(shuttle)]
+shuttle::thread_local! {
+    static THREAD_CPU: ThreadCpu = ThreadCpu { irql: core::cell::Cell::new(0) };
 }
 
 #[cfg(loom)]
@@ -118,7 +177,7 @@ pub(crate) fn with_thread_cpu<R>(f: impl FnOnce(&ThreadCpu) -> R) -> R {
 }
 
 // One registered epoch handle per thread, for the collector the thread used last (invariant 5).
-#[cfg(all(feature = "std", not(loom), not(miri)))]
+#[cfg(all(feature = "std", not(loom), not(miri), not(shuttle)))]
 std::thread_local! {
     static EPOCH_HANDLE: core::cell::RefCell<Option<epoch::LocalHandle>> =
         const { core::cell::RefCell::new(None) };
@@ -126,12 +185,12 @@ std::thread_local! {
 
 /// Pins the calling thread in `collector`'s epoch.
 ///
-/// With `std` (not under loom or Miri) each thread caches one registered handle, for the collector
+/// With `std` (not under loom, shuttle or Miri) each thread caches one registered handle, for the collector
 /// it used last, so pinning costs no allocation in the common case of one instance per thread.
 /// Elsewhere, or when the cache is busy (a destructor run by the collector pinning again), each
 /// pin registers a fresh handle (an allocation).
 pub(crate) fn pin(collector: &epoch::Collector) -> epoch::Guard {
-    #[cfg(all(feature = "std", not(loom), not(miri)))]
+    #[cfg(all(feature = "std", not(loom), not(miri), not(shuttle)))]
     {
         let cached = EPOCH_HANDLE.try_with(|cell| {
             let mut cell = cell.try_borrow_mut().ok()?;
@@ -156,7 +215,7 @@ pub(crate) fn pin(collector: &epoch::Collector) -> epoch::Guard {
 /// collector's owner lets it go, so that a cached handle is never the last owner of a collector
 /// on this thread and the collector's pending destructors run when the owner drops it.
 pub(crate) fn forget_cached_handle(collector: &epoch::Collector) {
-    #[cfg(all(feature = "std", not(loom), not(miri)))]
+    #[cfg(all(feature = "std", not(loom), not(miri), not(shuttle)))]
     {
         let _ = EPOCH_HANDLE.try_with(|cell| {
             let stale = cell.try_borrow_mut().ok().and_then(|mut cell| {
@@ -170,7 +229,7 @@ pub(crate) fn forget_cached_handle(collector: &epoch::Collector) {
             drop(stale);
         });
     }
-    #[cfg(not(all(feature = "std", not(loom), not(miri))))]
+    #[cfg(not(all(feature = "std", not(loom), not(miri), not(shuttle))))]
     let _ = collector;
 }
 
