@@ -635,7 +635,7 @@ impl Drop for CountOnDrop {
 
 #[test]
 fn concurrent_flag_updates_never_lose_bits_or_cancelled() {
-    const ROUNDS: usize = 20_000;
+    const ROUNDS: usize = if cfg!(miri) { 100 } else { 20_000 };
     let bits = [
         ContextFlags::WRITE_THROUGH,
         ContextFlags::FLOPPY,
@@ -978,7 +978,7 @@ fn contexts(n: usize) -> Arc<Vec<RxContext<Exchange>>> {
 
 #[test]
 fn stress_arm_disarm_racing_cancel_completes_each_request_exactly_once() {
-    const N: usize = 3_000;
+    const N: usize = if cfg!(miri) { 50 } else { 3_000 };
     let ctxs = contexts(N);
     let rendezvous = SpinRendezvous::new();
 
@@ -1069,7 +1069,7 @@ fn stress_arm_disarm_racing_cancel_completes_each_request_exactly_once() {
 
 #[test]
 fn stress_cancel_before_arm_is_never_lost() {
-    const N: usize = 3_000;
+    const N: usize = if cfg!(miri) { 50 } else { 3_000 };
     let ctxs = contexts(N);
     let rendezvous = SpinRendezvous::new();
 

@@ -169,11 +169,15 @@ pub enum OpKind {
     PipeTransact,
     /// Close a handle (not cancellable at the server).
     Close,
+    /// A server-side method call: an MI invoke operation (`MI_Session_Invoke`) carried as a
+    /// pipe transaction (RPC over a named pipe). Not cancellable at the provider nor at the
+    /// server: a cancel gives the client its final result at once, the call runs to completion.
+    MethodCall,
 }
 
 impl OpKind {
     /// Every kind, in report order.
-    pub const ALL: [OpKind; 8] = [
+    pub const ALL: [OpKind; 9] = [
         OpKind::Create,
         OpKind::Read,
         OpKind::Write,
@@ -182,6 +186,7 @@ impl OpKind {
         OpKind::ChangeNotify,
         OpKind::PipeTransact,
         OpKind::Close,
+        OpKind::MethodCall,
     ];
 
     /// The name used on the command line and in reports.
@@ -195,6 +200,7 @@ impl OpKind {
             OpKind::ChangeNotify => "change_notify",
             OpKind::PipeTransact => "pipe_transact",
             OpKind::Close => "close",
+            OpKind::MethodCall => "method_call",
         }
     }
 
@@ -205,6 +211,16 @@ impl OpKind {
             self,
             OpKind::Create | OpKind::Read | OpKind::DirEnum | OpKind::ChangeNotify
         )
+    }
+
+    /// The MI operation a request of this kind runs as, if any: directory enumeration is an
+    /// enumeration (cancellable at the provider), the method call an invoke (not).
+    pub fn mi_kind(self) -> Option<rdbss::mi::MiOperationKind> {
+        match self {
+            OpKind::DirEnum => Some(rdbss::mi::MiOperationKind::Enumerate),
+            OpKind::MethodCall => Some(rdbss::mi::MiOperationKind::Invoke),
+            _ => None,
+        }
     }
 
     pub(crate) fn from_index(index: u8) -> OpKind {
@@ -231,6 +247,7 @@ impl Default for OpMix {
             (OpKind::ChangeNotify, 4),
             (OpKind::PipeTransact, 10),
             (OpKind::Close, 8),
+            (OpKind::MethodCall, 4),
         ])
     }
 }
@@ -368,6 +385,13 @@ pub struct Config {
     pub teardown_at: Option<Micros>,
     /// A deliberately broken variant, to test the checker.
     pub bug: Option<Bug>,
+    /// The MI session's quota of running operations (`dir_enum` and `method_call` requests);
+    /// a start beyond it is refused with `MI_RESULT_SERVER_LIMITS_EXCEEDED`.
+    pub mi_quota: usize,
+    /// How long a pending `Online` of a client's connection (a cluster resource) takes.
+    pub connect_latency: Latency,
+    /// The connection resources' `PendingTimeout` (at least 10 ms; whole milliseconds).
+    pub pending_timeout: Micros,
 }
 
 impl Default for Config {
@@ -395,6 +419,9 @@ impl Default for Config {
             arm_cancel_routines: true,
             teardown_at: None,
             bug: None,
+            mi_quota: 16,
+            connect_latency: Latency::Uniform(500, 2_000),
+            pending_timeout: 180_000_000,
         }
     }
 }
@@ -430,6 +457,17 @@ impl Config {
         }
         if self.mix.total() == 0 {
             return Err("the operation mix has no weight at all".into());
+        }
+        if self.mi_quota == 0 {
+            return Err("--mi-quota must be at least 1".into());
+        }
+        let min_timeout = u64::from(rdbss::resmon::MIN_PENDING_TIMEOUT_MS) * 1000;
+        if self.pending_timeout < min_timeout || self.pending_timeout / 1000 > u64::from(u32::MAX) {
+            return Err(format!(
+                "--pending-timeout must be between {}ms and {}ms",
+                rdbss::resmon::MIN_PENDING_TIMEOUT_MS,
+                u32::MAX
+            ));
         }
         if !self.arm_cancel_routines
             && (self.cancel_rate > 0.0

@@ -31,14 +31,17 @@
 //!    TCP connection per session); events at the same time run in the order they were scheduled.
 
 use crate::config::{Bug, Config, Micros, Mode, OpKind};
+use crate::mi::MiLayer;
 use crate::minirdr::{mrx_cancel, MiniRequest};
 use crate::net::{sample, Network};
 use crate::record::{CancelEffect, CancelReason, Checker, Invariant, RequestRecord};
 use crate::report::{self, Report};
+use crate::resource::Connections;
 use crate::server::{Op, Received, Reply, Request, Server};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64Mcg;
 use rdbss::bugcheck::{self, BugCheckPolicy};
+use rdbss::resmon::{PendingWork, ResourceExitState, ResourceId, ResourceState, Win32Error};
 use rdbss::{
     irql, BlockedQueue, CancelByIdOutcome, CancelOutcome, ContextInit, ContextRef, DrainStatus,
     Irql, MajorFunction, ManualWorkQueue, NtStatus, Rdbss, RequestId, WorkQueue,
@@ -122,6 +125,12 @@ pub fn run(config: &Config, progress: &(dyn Fn(u64, u64) + Sync)) -> Result<Outc
         },
         checker: Checker::default(),
         counters: Counters::default(),
+        mi: MiLayer::new(config.mi_quota),
+        connections: Connections::new(
+            shards,
+            config.clients,
+            (config.pending_timeout / 1000) as u32,
+        ),
     });
 
     let mut all: Vec<Shard> = (0..shards).map(|i| Shard::new(&shared, i)).collect();
@@ -280,6 +289,16 @@ enum Event {
         epoch: u32,
     },
     Teardown,
+    /// The connection resource's worker finishes its pending Online (`serial` names it).
+    OnlineDone {
+        client: u32,
+        serial: u64,
+    },
+    /// The pending timeout of the client's Online `serial` may have expired.
+    PendingTimeoutCheck {
+        client: u32,
+        serial: u64,
+    },
 }
 
 /// State shared by every thread of a run.
@@ -294,6 +313,10 @@ pub struct Shared {
     clock: Clock,
     pub(crate) checker: Checker,
     pub(crate) counters: Counters,
+    /// The MI layer: directory enumeration and method calls as MI operations.
+    pub(crate) mi: MiLayer,
+    /// The clients' share connections as cluster resources.
+    pub(crate) connections: Connections,
 }
 
 impl Shared {
@@ -374,9 +397,26 @@ impl Shared {
         );
     }
 
+    /// A cancel of request `index`: an MI operation is cancelled through `MI_Operation_Cancel`
+    /// (its provider's callback then cancels the context), any other request's context directly.
+    pub(crate) fn request_cancel(&self, index: u32, reason: CancelReason) {
+        let record = self.record(index);
+        if record.id.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        if reason == CancelReason::Timeout && record.completed.get().is_some() {
+            // The timer was cancelled when the request completed: it never fires.
+            return;
+        }
+        if self.mi.cancel(self, index, reason) {
+            return;
+        }
+        self.cancel_rx(index, reason);
+    }
+
     /// What RDBSS does when the I/O is cancelled: cancel the context by id. A timeout fires in a
     /// DPC, at DISPATCH_LEVEL, so its routine is deferred to the work queue.
-    pub(crate) fn request_cancel(&self, index: u32, reason: CancelReason) {
+    pub(crate) fn cancel_rx(&self, index: u32, reason: CancelReason) {
         let record = self.record(index);
         let raw = record.id.load(Ordering::Acquire);
         if raw == 0 {
@@ -442,6 +482,24 @@ impl Shared {
             return;
         }
         self.rdbss.start_drain();
+        self.mi.shutdown();
+        // Each client's pending Online (if any) is cancelled: the connection is not wanted now.
+        let rc = &self.connections.counters;
+        for (monitor, &n) in self
+            .connections
+            .monitors
+            .iter()
+            .zip(self.connections.per_monitor.iter())
+        {
+            for id in 0..n {
+                match monitor.cancel(ResourceId(id), 0) {
+                    Win32Error::SUCCESS => &rc.cancel_succeeded,
+                    Win32Error::INVALID_STATE => &rc.cancel_nothing_pending,
+                    _ => &rc.cancel_other,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+            }
+        }
         self.sweep_teardown();
     }
 
@@ -457,13 +515,18 @@ impl Shared {
         let created = self.created();
         for index in 0..created {
             let record = self.record(index);
-            if record.is_created()
-                && record.completed.get().is_none()
-                // Already cancelled (by the user, a timeout or an earlier sweep) but not completed
-                // yet: its completion is on its way.
-                && record.cancel_requested.get().is_none()
-            {
-                self.request_cancel(index, CancelReason::Teardown);
+            if !record.is_created() || record.completed.get().is_some() {
+                continue;
+            }
+            // An MI operation not cancelled yet: MI_Operation_Cancel(MI_REASON_SHUTDOWN).
+            if record.mi_cancel.get().is_none() {
+                self.mi.cancel(self, index, CancelReason::Teardown);
+            }
+            // Already cancelled (by the user, a timeout, an MI callback or an earlier sweep) but
+            // not completed yet: its completion is on its way. Else the context is cancelled
+            // directly (an invoke's provider never registered a callback).
+            if record.completed.get().is_none() && record.cancel_requested.get().is_none() {
+                self.cancel_rx(index, CancelReason::Teardown);
             }
         }
     }
@@ -475,6 +538,49 @@ impl Shared {
             && c.exchanges_in_flight.load(Ordering::Acquire) == 0
             && self.work_queue.is_empty()
             && self.server.open_exchanges() == 0
+            && self.mi.open() == 0
+    }
+
+    /// After the run: no connection resource pending, and every pending Online ended once.
+    fn connection_checks(&self) {
+        let summary = self.connections.summary();
+        if summary.pending_at_end > 0 {
+            self.checker.fail(
+                Invariant::ResourceSettled,
+                None,
+                format!(
+                    "{} connection resource(s) still pending after the run",
+                    summary.pending_at_end
+                ),
+            );
+        }
+        let ended = summary.online_completed + summary.online_ended_by_abort;
+        if ended != summary.online_started {
+            self.checker.fail(
+                Invariant::ResourceSettled,
+                None,
+                format!(
+                    "{} pending Online(s) started, {ended} ended (completed or told to stop)",
+                    summary.online_started
+                ),
+            );
+        }
+        // Each abort that ended a pending Online told exactly one worker to stop. Exact only in
+        // deterministic mode: in threads mode the teardown's Cancel may end an Online between a
+        // crash's look at its state and its Terminate.
+        let aborts = summary.online_cancelled
+            + summary.pending_timeouts
+            + summary.terminations_of_a_pending_online;
+        if self.config.mode == Mode::Deterministic && aborts != summary.online_ended_by_abort {
+            self.checker.fail(
+                Invariant::ResourceSettled,
+                None,
+                format!(
+                    "{aborts} abort(s) of a pending Online (cancel, timeout, terminate) but {}                      worker(s) told to stop",
+                    summary.online_ended_by_abort
+                ),
+            );
+        }
     }
 
     /// The after-run checks, then the report.
@@ -542,6 +648,8 @@ impl Shared {
                 self.checker.fail(Invariant::QuotaReturned, None, detail);
             }
         }
+        self.mi.final_checks(self);
+        self.connection_checks();
         let bug_checks = bugcheck::count().saturating_sub(bug_checks_before);
         if bug_checks > 0 {
             let mut recent: Vec<String> = bugcheck::recent()
@@ -612,6 +720,13 @@ struct Client {
     pipe_active: Option<u32>,
     notify_open: bool,
     fids: Vec<u64>,
+    /// The connection's cluster resource in the shard's monitor.
+    resource: ResourceId,
+    /// The worker of its pending Online, and which Online it is.
+    work: Option<PendingWork>,
+    work_serial: u64,
+    /// The server's connection epoch to use once the pending Online completes.
+    target_epoch: u32,
 }
 
 struct Shard {
@@ -631,10 +746,12 @@ impl Shard {
         let seed = shared.config.seed ^ (index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         let clients = (index..shared.config.clients)
             .step_by(count)
-            .map(|id| Client {
+            .enumerate()
+            .map(|(local, id)| Client {
                 id: id as u32,
                 outstanding: 0,
-                connected: true,
+                // Connected once its resource is Online (`start`).
+                connected: false,
                 epoch: 1,
                 next_msg: 1,
                 exchanges: BTreeMap::new(),
@@ -646,6 +763,10 @@ impl Shard {
                 down_last: 0,
                 notify_open: false,
                 fids: Vec::new(),
+                resource: ResourceId(local as u32),
+                work: None,
+                work_serial: 0,
+                target_epoch: 1,
             })
             .collect();
         Shard {
@@ -713,6 +834,7 @@ impl Shard {
         // Each issue schedules the next until the client has `depth` outstanding.
         for c in 0..self.clients.len() {
             let client = self.clients[c].id;
+            self.bring_online(c);
             self.schedule(now, Event::Issue { client });
         }
         if self.index == 0 {
@@ -750,7 +872,9 @@ impl Shard {
     fn is_stale(&self, scheduled: &Scheduled) -> bool {
         match scheduled.event {
             Event::Timeout { index } => self.shared.record(index).completed.get().is_some(),
-            Event::Crash | Event::Restart => self.shared.counters.finished.load(Ordering::Acquire),
+            Event::Crash | Event::Restart | Event::PendingTimeoutCheck { .. } => {
+                self.shared.counters.finished.load(Ordering::Acquire)
+            }
             _ => false,
         }
     }
@@ -788,6 +912,7 @@ impl Shard {
                 );
             }
         }
+        self.check_connections();
     }
 
     fn run_threads(&mut self) {
@@ -815,6 +940,7 @@ impl Shard {
                     events.into_iter().filter(|s| !self.is_stale(s)).collect();
                 self.heap = live.into();
                 if self.heap.is_empty() && !self.drain_inbox() {
+                    self.check_connections();
                     return;
                 }
                 continue;
@@ -856,6 +982,13 @@ impl Shard {
             Event::SlotFree { client, index } => {
                 let c = self.local(client);
                 let record = self.shared.record(index);
+                // An MI operation's request is over: its provider posts the final result and
+                // its client reads the rest and closes.
+                if record.op_kind().mi_kind().is_some() {
+                    self.shared
+                        .mi
+                        .request_done(&self.shared, index, record.final_status());
+                }
                 let state = &mut self.clients[c];
                 state.outstanding -= 1;
                 if record.op_kind() == OpKind::ChangeNotify {
@@ -887,24 +1020,28 @@ impl Shard {
             Event::Disconnect => {
                 for c in 0..self.clients.len() {
                     self.disconnect(c);
+                    self.terminate_connection(c);
                 }
             }
             Event::Reconnect { epoch } => {
                 for c in 0..self.clients.len() {
-                    self.clients[c].connected = true;
-                    self.clients[c].epoch = epoch;
-                    self.start_waiting(c);
+                    self.clients[c].target_epoch = epoch;
+                    self.bring_online(c);
                 }
             }
             Event::Teardown => {
                 self.shared.teardown();
+            }
+            Event::OnlineDone { client, serial } => self.online_done(client, serial),
+            Event::PendingTimeoutCheck { client, serial } => {
+                self.pending_timeout_check(client, serial)
             }
         }
     }
 
     // ----- the application: issuing requests -------------------------------------------------
 
-    fn pick_op(&mut self, c: usize, index: u32) -> Op {
+    fn pick_op(&mut self, c: usize, index: u32) -> (OpKind, Op) {
         let config = &self.shared.config;
         let mut roll = self.rng.random_range(0..config.mix.total());
         let mut kind = OpKind::Read;
@@ -925,7 +1062,7 @@ impl Shard {
         let dir = self.rng.random_range(0..SHARE_DIRS);
         let file = self.rng.random_range(0..SHARE_FILES);
         let path = format!("d{dir}/f{file}");
-        match kind {
+        let op = match kind {
             OpKind::Create => {
                 // Now and then a new file, which fires the directory's change-notifies.
                 let path = if self.rng.random_bool(0.25) {
@@ -961,7 +1098,12 @@ impl Shard {
             OpKind::Close => Op::Close {
                 fid: self.clients[c].fids.pop().unwrap_or(0),
             },
-        }
+            // RPC over a named pipe: not cancellable at the server.
+            OpKind::MethodCall => Op::PipeTransact {
+                data: vec![!(index as u8); 64],
+            },
+        };
+        (kind, op)
     }
 
     fn issue(&mut self, client: u32) {
@@ -978,8 +1120,7 @@ impl Shard {
             return;
         }
         let index = index as u32;
-        let op = self.pick_op(c, index);
-        let kind = op.kind();
+        let (kind, op) = self.pick_op(c, index);
         let (major_function, minor_function) = match kind {
             OpKind::Create => (MajorFunction::CREATE, 0),
             OpKind::Read => (MajorFunction::READ, 0),
@@ -989,6 +1130,7 @@ impl Shard {
             OpKind::ChangeNotify => (MajorFunction::DIRECTORY_CONTROL, 2), // IRP_MN_NOTIFY_CHANGE_DIRECTORY
             OpKind::PipeTransact => (MajorFunction::FILE_SYSTEM_CONTROL, 0),
             OpKind::Close => (MajorFunction::CLOSE, 0),
+            OpKind::MethodCall => (MajorFunction::FILE_SYSTEM_CONTROL, 1),
         };
         let mini = MiniRequest {
             shared: Arc::downgrade(&shared),
@@ -1024,6 +1166,14 @@ impl Shard {
         record.id.store(ctx.id().as_u64(), Ordering::Release);
         shared.counters.issued.fetch_add(1, Ordering::AcqRel);
         self.clients[c].outstanding += 1;
+        if let Some(mi_kind) = kind.mi_kind() {
+            if let Err(status) = shared.mi.start(index, client, mi_kind) {
+                // The MI session refused the operation (quota, or shutting down): the request
+                // fails at once and never reaches the network.
+                self.complete(ctx, status, 0);
+                return;
+            }
+        }
 
         let other = (self.index + 1) % self.count;
         let dispatch_delay = sample(config.dispatch_delay, &mut self.rng);
@@ -1055,6 +1205,13 @@ impl Shard {
 
     fn dispatch(&mut self, client: u32, ctx: ContextRef<MiniRequest>) {
         let c = self.local(client);
+        if ctx.minirdr().kind.mi_kind().is_some() {
+            // The MI provider starts its work: it registers its cancel callback (which may run
+            // at once if the client cancelled already, cancelling this context).
+            self.shared
+                .mi
+                .provider_start(&self.shared, ctx.minirdr().index);
+        }
         if ctx.minirdr().kind == OpKind::PipeTransact {
             if self.clients[c].pipe_busy {
                 self.enqueue(c, ctx, true);
@@ -1221,7 +1378,8 @@ impl Shard {
         if kind == OpKind::Create && reply.status.is_success() {
             client.fids.push(reply.info);
         }
-        self.exchange_done(ctx, armed, reply.status, reply.data.len());
+        let info = reply.data.len();
+        self.exchange_done(ctx, armed, reply.status, info, reply.data);
         if kind == OpKind::PipeTransact {
             self.pipe_next(c);
         }
@@ -1235,6 +1393,7 @@ impl Shard {
         armed: bool,
         status: NtStatus,
         info: usize,
+        data: Vec<u8>,
     ) {
         if !armed {
             self.complete_later(ctx, status, info);
@@ -1249,6 +1408,10 @@ impl Shard {
         match disarmed {
             Ok(()) => {
                 record.disarm_won.set(self.now());
+                if ctx.minirdr().kind == OpKind::DirEnum && status.is_success() {
+                    // The enumeration's provider posts each entry as an instance.
+                    self.shared.mi.post_instances(ctx.minirdr().index, data);
+                }
                 self.complete_later(ctx, status, info);
             }
             Err(_cancelled) => {
@@ -1304,10 +1467,186 @@ impl Shard {
                 .disconnected
                 .fetch_add(1, Ordering::Relaxed);
             pipe |= ctx.minirdr().kind == OpKind::PipeTransact;
-            self.exchange_done(ctx, armed, NtStatus::CONNECTION_DISCONNECTED, 0);
+            self.exchange_done(ctx, armed, NtStatus::CONNECTION_DISCONNECTED, 0, Vec::new());
         }
         if pipe {
             self.pipe_next(c);
+        }
+    }
+
+    // ----- the share connection as a cluster resource -------------------------------------------
+
+    fn monitor(&self) -> &rdbss::resmon::ResourceMonitor {
+        &self.shared.connections.monitors[self.index]
+    }
+
+    /// Moves the monitor's clock (ms) to the run's clock.
+    fn sync_monitor_clock(&self) {
+        let now_ms = self.now() / 1000;
+        let monitor = self.monitor();
+        let current = monitor.now_ms();
+        if now_ms > current {
+            monitor.advance_clock(now_ms - current);
+        }
+    }
+
+    /// `Online` for client `c`'s connection: pending, finished by `OnlineDone` after the connect
+    /// latency. Not after the teardown (nothing will use the connection).
+    fn bring_online(&mut self, c: usize) {
+        if self.shared.counters.teardown.load(Ordering::Acquire) {
+            return;
+        }
+        let rc = &self.shared.connections.counters;
+        // The worker of an aborted Online is told to stop now (resource invariant 2).
+        if let Some(work) = self.clients[c].work.take() {
+            if work.check_terminate() {
+                let _ = work.complete(Win32Error::OPERATION_ABORTED);
+                rc.worker_stopped.fetch_add(1, Ordering::Relaxed);
+            } else {
+                // Still pending: `online` would say ERROR_INVALID_STATE; it finishes on its own.
+                self.clients[c].work = Some(work);
+                return;
+            }
+        }
+        self.sync_monitor_clock();
+        let resource = self.clients[c].resource;
+        match self.monitor().online(resource) {
+            Win32Error::IO_PENDING => {
+                let Some(work) = self.monitor().next_work() else {
+                    return;
+                };
+                rc.online_started.fetch_add(1, Ordering::Relaxed);
+                let now = self.now();
+                let latency = sample(self.shared.config.connect_latency, &mut self.rng);
+                let timeout = u64::from(self.shared.connections.pending_timeout_ms + 1) * 1000;
+                let client = &mut self.clients[c];
+                client.work_serial += 1;
+                client.work = Some(work);
+                let (id, serial) = (client.id, client.work_serial);
+                self.schedule(now + latency, Event::OnlineDone { client: id, serial });
+                self.schedule(
+                    now + timeout,
+                    Event::PendingTimeoutCheck { client: id, serial },
+                );
+            }
+            Win32Error::SUCCESS => self.connected(c),
+            _ => {}
+        }
+    }
+
+    /// The resource is Online: the client's session is connected.
+    fn connected(&mut self, c: usize) {
+        let client = &mut self.clients[c];
+        client.connected = true;
+        client.epoch = client.target_epoch;
+        self.start_waiting(c);
+    }
+
+    /// The worker of Online `serial` finishes: `complete(ERROR_SUCCESS)`.
+    fn online_done(&mut self, client: u32, serial: u64) {
+        let c = self.local(client);
+        if self.clients[c].work_serial != serial {
+            return;
+        }
+        let Some(work) = self.clients[c].work.take() else {
+            return;
+        };
+        let rc = &self.shared.connections.counters;
+        self.sync_monitor_clock();
+        match work.complete(Win32Error::SUCCESS) {
+            ResourceExitState::Continue => {
+                rc.online_completed.fetch_add(1, Ordering::Relaxed);
+                self.connected(c);
+            }
+            ResourceExitState::Terminate => {
+                rc.worker_stopped.fetch_add(1, Ordering::Relaxed);
+                self.after_abort(c);
+            }
+        }
+    }
+
+    /// An Online of client `c` was aborted: after a pending timeout (`Failed`) try again; after a
+    /// cancel (teardown) or a terminate (crash: the restart brings it online) nothing.
+    fn after_abort(&mut self, c: usize) {
+        let resource = self.clients[c].resource;
+        if self.monitor().state(resource) == Ok(ResourceState::Failed)
+            && !self.shared.counters.teardown.load(Ordering::Acquire)
+        {
+            self.shared
+                .connections
+                .counters
+                .retries
+                .fetch_add(1, Ordering::Relaxed);
+            self.bring_online(c);
+        }
+    }
+
+    /// The Resource Monitor's pending timeout for Online `serial` of `client`.
+    fn pending_timeout_check(&mut self, client: u32, serial: u64) {
+        let c = self.local(client);
+        if self.clients[c].work_serial != serial || self.clients[c].work.is_none() {
+            return;
+        }
+        self.sync_monitor_clock();
+        let rc = &self.shared.connections.counters;
+        let n = self.monitor().check_pending_timeouts();
+        rc.pending_timeouts.fetch_add(n as u64, Ordering::Relaxed);
+        // This client's worker may have been terminated by this check or an earlier one (another
+        // client's): it is told to stop now, and the client tries again.
+        if self.clients[c]
+            .work
+            .as_ref()
+            .is_some_and(PendingWork::check_terminate)
+        {
+            if let Some(work) = self.clients[c].work.take() {
+                let _ = work.complete(Win32Error::TIMEOUT);
+                rc.worker_stopped.fetch_add(1, Ordering::Relaxed);
+            }
+            self.after_abort(c);
+        }
+    }
+
+    /// The server crashed: the connection resource is terminated (`Offline`).
+    fn terminate_connection(&mut self, c: usize) {
+        let resource = self.clients[c].resource;
+        let rc = &self.shared.connections.counters;
+        if self
+            .monitor()
+            .state(resource)
+            .is_ok_and(ResourceState::is_pending)
+        {
+            rc.terminated_pending.fetch_add(1, Ordering::Relaxed);
+        }
+        self.monitor().terminate(resource);
+        rc.terminations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// When the shard's run is over: each client connected exactly when its resource is Online,
+    /// and no worker left (resource invariants 2 and 3).
+    fn check_connections(&self) {
+        let mut bad = Vec::new();
+        for client in &self.clients {
+            let state = self.monitor().state(client.resource);
+            let online = state == Ok(ResourceState::Online);
+            if online != client.connected || client.work.is_some() {
+                bad.push(format!(
+                    "client {}: resource {state:?}, connected {}, worker left {}",
+                    client.id,
+                    client.connected,
+                    client.work.is_some()
+                ));
+            }
+        }
+        if !bad.is_empty() {
+            self.shared.checker.fail(
+                Invariant::ResourceSettled,
+                None,
+                format!(
+                    "{} client(s) out of step with their connection resource: {}",
+                    bad.len(),
+                    bad.iter().take(3).cloned().collect::<Vec<_>>().join("; ")
+                ),
+            );
         }
     }
 

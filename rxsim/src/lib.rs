@@ -33,12 +33,14 @@
 pub mod config;
 pub mod engine;
 pub mod live;
+pub mod mi;
 pub mod minirdr;
 #[cfg(target_os = "linux")]
 pub mod mount;
 pub mod net;
 pub mod record;
 pub mod report;
+pub mod resource;
 pub mod server;
 
 pub use config::{Bug, Config, Latency, Mode, OpKind, OpMix, Window};

@@ -133,7 +133,7 @@ struct RunArgs {
     timeout: u64,
     #[command(flatten)]
     net: NetArgs,
-    /// Operation mix, e.g. read=30,write=20,query_info=12,create=8,close=8,dir_enum=8,change_notify=4,pipe_transact=10.
+    /// Operation mix, e.g. read=30,write=20,query_info=12,create=8,close=8,dir_enum=8,change_notify=4,pipe_transact=10,method_call=4.
     #[arg(long, default_value_t = OpMix::default(), value_parser = parse_mix)]
     mix: OpMix,
     /// Never arm cancel routines (the benchmark baseline; needs --cancel-rate 0 --timeout 0 and no change_notify).
@@ -151,6 +151,15 @@ struct RunArgs {
     /// Run a deliberately broken variant, to see the checker catch it (for testing).
     #[arg(long, value_enum, hide = true)]
     inject_bug: Option<Bug>,
+    /// The MI session's quota of running operations (dir_enum and method_call requests).
+    #[arg(long, default_value_t = Config::default().mi_quota)]
+    mi_quota: usize,
+    /// How long bringing a client's connection (a cluster resource) Online takes (same forms as --latency).
+    #[arg(long, default_value_t = Config::default().connect_latency, value_parser = parse_latency)]
+    connect_latency: Latency,
+    /// PendingTimeout of the connection resources (at least 10ms, whole milliseconds).
+    #[arg(long, default_value = "180s", value_parser = parse_micros)]
+    pending_timeout: u64,
 }
 
 fn parse_latency(text: &str) -> Result<Latency, String> {
@@ -186,6 +195,9 @@ impl RunArgs {
             arm_cancel_routines: !self.no_cancel_routines,
             teardown_at: self.teardown_at,
             bug: self.inject_bug,
+            mi_quota: self.mi_quota,
+            connect_latency: self.connect_latency,
+            pending_timeout: self.pending_timeout,
             ..Config::default()
         }
     }

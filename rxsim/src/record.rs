@@ -71,17 +71,32 @@ pub enum Invariant {
     QuotaReturned,
     /// No emulated bug check (IRQL violation, double completion) happened.
     NoBugChecks,
+    /// Every MI operation was closed exactly once by its client and got exactly one final
+    /// result from its provider.
+    MiClosedOnce,
+    /// No MI provider cancel callback ran after its operation's final result was delivered, nor
+    /// twice.
+    MiCallbackNotAfterCompletion,
+    /// The MI session's quota is back to zero and no operation is alive after the run.
+    MiQuotaReturned,
+    /// Every connection resource settled in a defined state: none pending after the run, each
+    /// client connected exactly when its resource is online, each pending Online ended once.
+    ResourceSettled,
 }
 
 impl Invariant {
     /// Every invariant, in report order.
-    pub const ALL: [Invariant; 6] = [
+    pub const ALL: [Invariant; 10] = [
         Invariant::ExactlyOnce,
         Invariant::CancelledBeforeStart,
         Invariant::RoutineAtMostOnce,
         Invariant::NoLeak,
         Invariant::QuotaReturned,
         Invariant::NoBugChecks,
+        Invariant::MiClosedOnce,
+        Invariant::MiCallbackNotAfterCompletion,
+        Invariant::MiQuotaReturned,
+        Invariant::ResourceSettled,
     ];
 
     /// What the invariant says.
@@ -95,6 +110,16 @@ impl Invariant {
             Invariant::NoLeak => "no context leaked: the RDBSS instance drained to zero",
             Invariant::QuotaReturned => "server quota back to zero",
             Invariant::NoBugChecks => "no IRQL violation or other emulated bug check",
+            Invariant::MiClosedOnce => {
+                "every MI operation closed once by its client, with one final result"
+            }
+            Invariant::MiCallbackNotAfterCompletion => {
+                "no MI cancel callback after the final result was delivered, none twice"
+            }
+            Invariant::MiQuotaReturned => "MI quota back to zero, no MI operation alive",
+            Invariant::ResourceSettled => {
+                "every connection resource settled in a defined state (none pending)"
+            }
         }
     }
 }
@@ -239,6 +264,8 @@ pub struct RequestRecord {
     pub second_status: AtomicU32,
     /// The mini-redirector released its last handle to the context.
     pub released: AtomicBool,
+    /// Its MI operation was cancelled by the client (`MI_Operation_Cancel`, first time).
+    pub mi_cancel: Mark,
 }
 
 impl RequestRecord {
@@ -327,6 +354,10 @@ impl RequestRecord {
         );
         at(&self.resumed, "taken off its queue to run".into());
         at(
+            &self.mi_cancel,
+            "MI_Operation_Cancel by the client (its MI operation)".into(),
+        );
+        at(
             &self.refused,
             "the core refused to start it: already cancelled".into(),
         );
@@ -389,7 +420,7 @@ impl RequestRecord {
 #[derive(Default)]
 pub struct Checker {
     kept: Mutex<Vec<Violation>>,
-    counts: [AtomicU64; 6],
+    counts: [AtomicU64; Invariant::ALL.len()],
 }
 
 impl Checker {

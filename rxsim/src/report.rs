@@ -11,7 +11,9 @@
 
 use crate::config::{Bug, Micros, Mode, OpKind};
 use crate::engine::Shared;
+use crate::mi::MiSummary;
 use crate::record::{CancelEffect, CancelReason, Invariant, RequestRecord, Violation};
+use crate::resource::ResourceSummary;
 use crate::server::ServerStats;
 use rdbss::NtStatus;
 use serde::Serialize;
@@ -34,6 +36,10 @@ pub struct Report {
     pub server: ServerSummary,
     /// The network's figures.
     pub network: NetworkSummary,
+    /// The MI layer: directory enumerations and method calls as MI operations.
+    pub mi: MiSummary,
+    /// The share connections as cluster resources.
+    pub resources: ResourceSummary,
     /// Completed requests per second of the run's clock.
     pub throughput: Throughput,
     /// Each invariant and whether it held.
@@ -87,6 +93,12 @@ pub struct ConfigSummary {
     pub teardown_at_us: Option<Micros>,
     /// Injected bug, if any.
     pub bug: Option<Bug>,
+    /// The MI session's quota.
+    pub mi_quota: usize,
+    /// Connect latency (a pending Online).
+    pub connect_latency: String,
+    /// The connection resources' PendingTimeout.
+    pub pending_timeout_us: Micros,
 }
 
 /// Requests by outcome.
@@ -354,6 +366,9 @@ pub(crate) fn build(shared: &Shared, records: &[RequestRecord], bug_checks: usiz
             cancel_routines: config.arm_cancel_routines,
             teardown_at_us: config.teardown_at,
             bug: config.bug,
+            mi_quota: config.mi_quota,
+            connect_latency: config.connect_latency.to_string(),
+            pending_timeout_us: config.pending_timeout,
         },
         requests: RequestSummary {
             issued,
@@ -379,6 +394,8 @@ pub(crate) fn build(shared: &Shared, records: &[RequestRecord], bug_checks: usiz
             stale_replies: counters.stale_replies.load(Ordering::Relaxed),
             failed_by_disconnect: counters.disconnected.load(Ordering::Relaxed),
         },
+        mi: shared.mi.summary(),
+        resources: shared.connections.summary(),
         throughput: Throughput {
             clock: match config.mode {
                 Mode::Deterministic => "virtual",
@@ -521,6 +538,85 @@ impl fmt::Display for Report {
             f,
             "network: retransmits {}   held by a partition {}   stale replies {}   failed by disconnect {}",
             n.retransmits, n.partitioned_messages, n.stale_replies, n.failed_by_disconnect
+        )?;
+        let m = &self.mi;
+        writeln!(
+            f,
+            "\nMI (quota {}: dir_enum = enumerate, method_call = invoke)",
+            m.quota
+        )?;
+        writeln!(
+            f,
+            "  started: enumerate {}   invoke {}   refused: SERVER_LIMITS_EXCEEDED {}   SERVER_IS_SHUTTING_DOWN {}   max quota in use {}",
+            m.started_enumerate,
+            m.started_invoke,
+            m.refused_server_limits_exceeded,
+            m.refused_shutting_down,
+            m.max_quota_in_use
+        )?;
+        writeln!(
+            f,
+            "  MI_Operation_Cancel: reason NONE {}   TIMEOUT {}   SHUTDOWN {}   after close {}   (enumerations cancelled {}, invokes cancelled {})",
+            m.cancels_reason_none,
+            m.cancels_reason_timeout,
+            m.cancels_reason_shutdown,
+            m.cancels_after_close,
+            m.enumerations_cancelled,
+            m.invokes_cancelled
+        )?;
+        writeln!(
+            f,
+            "  RegisterCancel: registered {}   called at once {}   already delivered {}   NOT_SUPPORTED {}   callbacks run {}",
+            m.registered,
+            m.registered_after_cancel_called_at_once,
+            m.registered_already_delivered,
+            m.register_not_supported,
+            m.callbacks
+        )?;
+        writeln!(
+            f,
+            "  instances posted {}   refused {}   read {}   read after a cancel {}",
+            m.instances_posted, m.instances_refused, m.instances_read, m.results_after_cancel
+        )?;
+        writeln!(
+            f,
+            "  final results: provider's {}   cancelled {}   PostResult delivered {}   discarded {}   invokes run to completion after a cancel {}",
+            m.final_results_delivered,
+            m.final_results_cancelled,
+            m.posted_delivered,
+            m.posted_discarded,
+            m.invokes_ran_to_completion_after_cancel
+        )?;
+        writeln!(
+            f,
+            "  closes {} (at the cancel {})   at the end: quota in use {}, operations alive {}",
+            m.closes, m.closed_at_cancel, m.quota_in_use_at_end, m.live_operations_at_end
+        )?;
+        let g = &self.resources;
+        writeln!(
+            f,
+            "\nconnections as cluster resources ({}, PendingTimeout {} ms)",
+            g.resources, g.pending_timeout_ms
+        )?;
+        writeln!(
+            f,
+            "  Online pending {}   completed {}   ended by an abort {}   retried after a timeout {}",
+            g.online_started, g.online_completed, g.online_ended_by_abort, g.online_retries
+        )?;
+        writeln!(
+            f,
+            "  Cancel: online cancelled {}   nothing pending {}   other errors {}   Terminate {} (of a pending Online {})   pending timeouts {}",
+            g.online_cancelled,
+            g.cancel_nothing_pending,
+            g.cancel_other_errors,
+            g.terminations,
+            g.terminations_of_a_pending_online,
+            g.pending_timeouts
+        )?;
+        writeln!(
+            f,
+            "  at the end: online {}, offline {}, failed {}, pending {}",
+            g.online_at_end, g.offline_at_end, g.failed_at_end, g.pending_at_end
         )?;
         let t = &self.throughput;
         writeln!(
