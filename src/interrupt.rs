@@ -147,7 +147,8 @@ pub struct InterruptStats {
     pub cancelled_on_registration: u64,
     /// Settles that answered `EAGAIN`.
     pub retried: u64,
-    /// Ids refused as invalid, by any call.
+    /// Ids refused as invalid by [`InterruptTable::register`] or [`InterruptTable::interrupt`]
+    /// (`settle` and `unregister` of an unknown id just find nothing).
     pub invalid_ids: u64,
     /// Registrations refused because the id was live.
     pub duplicate_registrations: u64,

@@ -717,7 +717,8 @@ impl<T: Send + 'static> MiSession<T> {
     /// `MI_RESULT_INVALID_PARAMETER` for an id that names no open operation of this session
     /// (closed, finished and gone, or never issued) or an unknown reason;
     /// `MI_RESULT_ACCESS_DENIED` for another caller than the one that started it; else as
-    /// [`MiOperation::cancel`], `MI_RESULT_OK`.
+    /// [`MiOperation::cancel`], `MI_RESULT_OK`. The checks run in that order: an unknown reason
+    /// from the wrong caller is `MI_RESULT_INVALID_PARAMETER`, and nothing changes either way.
     #[doc(alias = "MI_Operation_Cancel")]
     pub fn operation_cancel(&self, id: RequestId, caller: MiCallerId, reason: u32) -> MiResult {
         let Ok(ctx) = self.rdbss.lookup(id) else {
@@ -823,9 +824,12 @@ impl<T> MiOperation<T> {
     /// after the provider posted its final result), and unless the provider's final result is
     /// already in, the client's final result is [`MiFinalResult::cancelled`], available at once.
     /// Instances posted before it are still delivered first. The operation keeps its quota until
-    /// its provider notices (its callback returned, or it posted its result). A second cancel, or
-    /// a cancel after the final result, is harmless: `Ok`, nothing more happens, and the first
-    /// reason stays. The operation must still be [closed](Self::close).
+    /// its provider notices (its callback returned, or it posted its result). A second cancel is
+    /// harmless: `Ok`, nothing more happens, and the first reason stays. A cancel after the final
+    /// result was delivered is harmless too: `Ok`, no callback, the final result stays as it was
+    /// (not cancelled); only the context is marked cancelled (so `is_cancelled` reports `true`
+    /// on both sides and the provider's `cancellation_reason` names this reason), as a core cancel
+    /// of a completed request does. The operation must still be [closed](Self::close).
     #[doc(alias = "MI_Operation_Cancel")]
     pub fn cancel(&self, caller: MiCallerId, reason: MiCancellationReason) -> Result<(), MiResult> {
         if caller != self.owner() {
