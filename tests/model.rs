@@ -47,11 +47,14 @@
 //!
 //! A tally of outcomes (shown with `--nocapture`) must reach every entry of [`MUST_SEE`], so the
 //! generator cannot silently stop exercising a path. A failing sequence is shrunk by proptest
-//! and then further by [`minimize`] (removing operations, simplifying each), and printed as a
-//! numbered list of [`Op`]s.
+//! and then further by `minimize` (removing operations, simplifying each with [`simpler`]), and
+//! printed as a numbered list of [`Op`]s. That machinery, shared by the four model tests, is
+//! `tests/common/model_harness.rs` ([`model_harness::check_property`], which runs the property,
+//! and [`model_harness::run_sequence`], which runs one sequence through [`Harness`]).
 //!
-//! The whole property runs under `BugCheckPolicy::Record`, holding [`LOCK`] (the policy and the
-//! counter are process-wide); the policy is restored to `Panic` and cleared at the end.
+//! The whole property runs under `BugCheckPolicy::Record`, holding the lock of
+//! `common::exclusive` ([`model_harness::record_policy`]; the policy and the counter are
+//! process-wide); the policy is restored to `Panic` and cleared at the end.
 //!
 //! Left out on purpose: concurrency (the loom suite and `tests/lifecycle.rs` cover it), the
 //! `ThreadWorkQueue`, waiting (`drain`, `BlockedQueue::wait`), running claims or deferred work at
@@ -63,22 +66,24 @@
 
 #![cfg(feature = "std")]
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
-use rdbss::bugcheck::{self, BugCheckCode, BugCheckPolicy};
+use rdbss::bugcheck::{self, BugCheckCode};
 use rdbss::irql::{self, Irql, IrqlGuard};
 use rdbss::{
     BlockedQueue, BlockedState, CancelByIdOutcome, CancelClaim, CancelOutcome, CancelRoutine,
     Cancelled, ContextFlags, ContextInit, ContextRef, Dereferenced, DrainStatus, MajorFunction,
     ManualWorkQueue, NtStatus, Rdbss, RequestId, RxContext,
 };
+
+mod common;
+use common::model_harness::{self, ensure_eq, label, Tally};
 
 // ---------------------------------------------------------------------------------------------
 // Sizes
@@ -93,34 +98,6 @@ const MAX_CLAIMS: usize = 3;
 const MAX_OPS: usize = 60;
 /// Cases when `RDBSS_MODEL_CASES` is not set.
 const DEFAULT_CASES: u32 = 2_000;
-
-// ---------------------------------------------------------------------------------------------
-// The process-wide bug-check state
-// ---------------------------------------------------------------------------------------------
-
-/// Serialises the tests of this binary: the bug-check policy and counter are process-wide.
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// Holds [`LOCK`] with the `Record` policy; on drop (also on failure) restores `Panic` and clears.
-struct RecordPolicy {
-    _lock: MutexGuard<'static, ()>,
-}
-
-impl RecordPolicy {
-    fn take() -> Self {
-        let lock = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        bugcheck::clear();
-        bugcheck::set_policy(BugCheckPolicy::Record);
-        RecordPolicy { _lock: lock }
-    }
-}
-
-impl Drop for RecordPolicy {
-    fn drop(&mut self) {
-        bugcheck::set_policy(BugCheckPolicy::Panic);
-        bugcheck::clear();
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // The mini-redirector part: routines that count their calls
@@ -804,34 +781,6 @@ fn mclaim_kind(claim: MClaim) -> &'static str {
     }
 }
 
-/// `what: result` for the coverage tally, without the hex codes of statuses.
-fn label(what: &str, result: &impl fmt::Debug) -> String {
-    let text = format!("{result:?}");
-    let mut out = format!("{what}: ");
-    let mut rest = text.as_str();
-    while let Some(at) = rest.find("(0x") {
-        out.push_str(&rest[..at]);
-        rest = rest[at..].find(')').map_or("", |end| &rest[at + end + 1..]);
-    }
-    out.push_str(rest);
-    out
-}
-
-/// `Err` with both sides unless `actual == expected`.
-macro_rules! ensure_eq {
-    ($actual:expr, $expected:expr, $($what:tt)+) => {{
-        let (actual, expected) = (&$actual, &$expected);
-        if actual != expected {
-            return Err(format!(
-                "{}: implementation {:?}, model {:?}",
-                format_args!($($what)+),
-                actual,
-                expected
-            ));
-        }
-    }};
-}
-
 /// Raises to DISPATCH for the guard's life if `dispatch`.
 fn at(dispatch: bool) -> Option<IrqlGuard> {
     dispatch.then(|| irql::raise(Irql::DISPATCH))
@@ -1502,44 +1451,22 @@ impl Harness {
     }
 }
 
-/// How often each outcome was seen, over all cases.
-type Tally = RefCell<BTreeMap<String, usize>>;
-
 /// Runs one sequence; on a mismatch, says at which step and shows the model.
 fn run_case(ops: &[Op], tally: &Tally) -> Result<(), TestCaseError> {
-    bugcheck::clear();
-    let mut harness = Harness::new();
-    for (n, op) in ops.iter().enumerate() {
-        let result = harness.step(op).and_then(|seen| {
-            harness.check()?;
-            Ok(seen)
-        });
-        match result {
-            Ok(seen) => {
-                let seen = seen.unwrap_or_else(|| {
-                    let name = format!("{op:?}");
-                    let name = name.split([' ', '{']).next().unwrap_or_default();
-                    format!("skipped: {name}")
-                });
-                *tally.borrow_mut().entry(seen).or_default() += 1;
+    model_harness::run_sequence(
+        ops,
+        tally,
+        Harness::new,
+        Harness::step,
+        Harness::check,
+        |harness| &harness.model,
+        |harness| {
+            for expected in &harness.model.bugchecks {
+                model_harness::count(tally, format!("bug check: {}", expected.code));
             }
-            Err(why) => {
-                return Err(TestCaseError::fail(format!(
-                    "step {n} {op:?}: {why}\nmodel after the step: {:#?}",
-                    harness.model
-                )))
-            }
-        }
-    }
-    for expected in &harness.model.bugchecks {
-        *tally
-            .borrow_mut()
-            .entry(format!("bug check: {}", expected.code))
-            .or_default() += 1;
-    }
-    harness
-        .finish()
-        .map_err(|why| TestCaseError::fail(format!("teardown: {why}")))
+            harness.finish()
+        },
+    )
 }
 
 /// Outcomes the random sequences must reach (checked when at least [`DEFAULT_CASES`] run), so
@@ -1606,33 +1533,6 @@ const MUST_SEE: &[&str] = &[
     "bug check: MULTIPLE_IRP_COMPLETE_REQUESTS (0x00000044)",
     "bug check: DRIVER_IRQL_NOT_LESS_OR_EQUAL (0x000000D1)",
 ];
-
-fn cases() -> u32 {
-    match std::env::var("RDBSS_MODEL_CASES") {
-        Ok(n) => n
-            .trim()
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("RDBSS_MODEL_CASES={n:?} is not a number")),
-        Err(_) => DEFAULT_CASES,
-    }
-}
-
-/// `run_case`, with a panic counted as a failure.
-fn fails(ops: &[Op]) -> Option<String> {
-    let tally = Tally::default();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(ops, &tally))) {
-        Ok(Ok(())) => None,
-        Ok(Err(why)) => Some(why.to_string()),
-        Err(panic) => Some(
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".to_string()),
-        ),
-    }
-}
 
 /// Simpler versions of one operation: smaller indices, PASSIVE instead of DISPATCH, fewer flags.
 fn simpler(op: &Op) -> Vec<Op> {
@@ -1791,84 +1691,16 @@ fn simpler(op: &Op) -> Vec<Op> {
     out
 }
 
-/// Shrinks a failing sequence further than proptest does, until nothing changes: removes
-/// operations one at a time, then tries [`simpler`] versions of each. proptest removes elements
-/// before it shrinks them, so its minimum can keep operations that only mattered for a handle
-/// index it shrank afterwards.
-fn minimize(mut ops: Vec<Op>, mut why: String) -> (Vec<Op>, String) {
-    loop {
-        let mut changed = false;
-        let mut i = ops.len();
-        while i > 0 {
-            i -= 1;
-            let mut shorter = ops.clone();
-            shorter.remove(i);
-            if let Some(still) = fails(&shorter) {
-                (ops, why, changed) = (shorter, still, true);
-                i = ops.len();
-            }
-        }
-        for i in 0..ops.len() {
-            for candidate in simpler(&ops[i]) {
-                let mut tried = ops.clone();
-                tried[i] = candidate;
-                if let Some(still) = fails(&tried) {
-                    (ops, why, changed) = (tried, still, true);
-                    break;
-                }
-            }
-        }
-        if !changed {
-            return (ops, why);
-        }
-    }
-}
-
-fn numbered(ops: &[Op]) -> String {
-    ops.iter()
-        .enumerate()
-        .map(|(n, op)| format!("  {n:2}: {op:?}\n"))
-        .collect()
-}
-
 #[test]
 fn implementation_matches_the_model() {
-    let _record = RecordPolicy::take();
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        // No `proptest-regressions/` files: a failure prints its minimal sequence instead.
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let strategy = prop::collection::vec(op_strategy(), 1..=MAX_OPS);
-    let tally = Tally::default();
-    match runner.run(&strategy, |ops| run_case(&ops, &tally)) {
-        Ok(()) => {}
-        Err(TestError::Fail(why, ops)) => {
-            let (ops, why) = minimize(ops, why.to_string());
-            panic!("{why}\n\nminimal failing sequence:\n{}", numbered(&ops))
-        }
-        Err(TestError::Abort(why)) => panic!("aborted: {why}"),
-    }
-    let tally = tally.into_inner();
-    // Shown with `--nocapture`.
-    for (outcome, n) in &tally {
-        eprintln!("{n:>9}  {outcome}");
-    }
-    if runner.config().cases >= DEFAULT_CASES {
-        let missing: Vec<_> = MUST_SEE
-            .iter()
-            .filter(|outcome| !tally.contains_key(**outcome))
-            .collect();
-        assert!(missing.is_empty(), "outcomes never reached: {missing:#?}");
-    }
+    let sequences = prop::collection::vec(op_strategy(), 1..=MAX_OPS);
+    model_harness::check_property(sequences, run_case, simpler, DEFAULT_CASES, MUST_SEE);
 }
 
 /// The model runs a fixed, hand-written sequence too, so a broken model is caught even when the
 /// random cases happen to miss a path.
 #[test]
 fn a_hand_written_sequence_matches_the_model() {
-    let _record = RecordPolicy::take();
     let none = ContextFlags::empty();
     let ops = [
         Op::Create {
@@ -1949,9 +1781,7 @@ fn a_hand_written_sequence_matches_the_model() {
             cancelled: true,
         },
     ];
-    if let Err(e) = run_case(&ops, &Tally::default()) {
-        panic!("{e}\n\nsequence:\n{}", numbered(&ops));
-    }
+    model_harness::check_sequence(&ops, run_case);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1966,7 +1796,7 @@ fn a_hand_written_sequence_matches_the_model() {
 ///
 /// Expected: once the queue and the last handle are gone, nothing is left (whether the queue's
 /// drop resumes, cancels or completes its waiters is the maintainer's choice). No bug check is
-/// involved, so this test does not need [`LOCK`].
+/// involved, so this test does not need [`model_harness::record_policy`].
 #[test]
 fn dropping_a_blocked_queue_with_a_waiter_releases_it() {
     let rdbss: Rdbss<()> = Rdbss::with_work_queue(ManualWorkQueue::new());

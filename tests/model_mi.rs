@@ -38,8 +38,10 @@
 //! request completed, every closure dropped, at most one callback call per operation.
 //!
 //! A tally of outcomes (shown with `--nocapture`) must reach every entry of [`MUST_SEE`]. A
-//! failing sequence is shrunk by proptest and then by [`minimize`], and printed numbered. The
-//! property runs under `BugCheckPolicy::Record` holding [`LOCK`].
+//! failing sequence is shrunk by proptest and then by `minimize` (with [`simpler`]), and printed
+//! numbered. The property runs under `BugCheckPolicy::Record` holding the lock of
+//! `common::exclusive`. That machinery is `tests/common/model_harness.rs`, shared with
+//! `tests/model.rs` ([`model_harness::check_property`], [`model_harness::run_sequence`]).
 //!
 //! Left out: concurrency (loom covers register ∥ cancel ∥ post), the typed `register_cancel`
 //! (`register_cancel_with` is the same path), the Windows `MI_Operation_Close` blocking form.
@@ -48,22 +50,24 @@
 
 #![cfg(feature = "std")]
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use proptest::prelude::*;
-use proptest::test_runner::{Config, TestCaseError, TestError, TestRunner};
+use proptest::test_runner::TestCaseError;
 
-use rdbss::bugcheck::{self, BugCheckPolicy};
+use rdbss::bugcheck;
 use rdbss::irql::{self, Irql};
 use rdbss::mi::{
     MiCallerId, MiCancellationReason, MiContext, MiDelivery, MiFinalResult, MiOperation,
     MiOperationKind, MiPosted, MiRegistration, MiResult, MiSession,
 };
 use rdbss::RequestId;
+
+mod common;
+use common::model_harness::{self, ensure_eq, Tally};
 
 /// The caller that starts most operations.
 const ALICE: MiCallerId = MiCallerId(1);
@@ -92,34 +96,6 @@ const REASONS: [MiCancellationReason; 4] = [
 const RESULTS: [MiResult; 3] = [MiResult::OK, MiResult::FAILED, MiResult::NOT_FOUND];
 /// Forged operation ids (slot 0 is never issued; the others may name a live operation).
 const FORGED: [u64; 3] = [0, (1 << 32) | 1, u64::MAX];
-
-// ---------------------------------------------------------------------------------------------
-// The process-wide bug-check state
-// ---------------------------------------------------------------------------------------------
-
-/// Serialises the tests of this binary: the bug-check policy and counter are process-wide.
-static LOCK: Mutex<()> = Mutex::new(());
-
-/// Holds [`LOCK`] with the `Record` policy; on drop (also on failure) restores `Panic` and clears.
-struct RecordPolicy {
-    _lock: MutexGuard<'static, ()>,
-}
-
-impl RecordPolicy {
-    fn take() -> Self {
-        let lock = LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        bugcheck::clear();
-        bugcheck::set_policy(BugCheckPolicy::Record);
-        RecordPolicy { _lock: lock }
-    }
-}
-
-impl Drop for RecordPolicy {
-    fn drop(&mut self) {
-        bugcheck::set_policy(BugCheckPolicy::Panic);
-        bugcheck::clear();
-    }
-}
 
 // ---------------------------------------------------------------------------------------------
 // Operations
@@ -482,21 +458,6 @@ fn label(what: &str, result: &impl fmt::Debug) -> String {
     format!("{what}: {result:?}")
 }
 
-/// `Err` with both sides unless `actual == expected`.
-macro_rules! ensure_eq {
-    ($actual:expr, $expected:expr, $($what:tt)+) => {{
-        let (actual, expected) = (&$actual, &$expected);
-        if actual != expected {
-            return Err(format!(
-                "{}: implementation {:?}, model {:?}",
-                format_args!($($what)+),
-                actual,
-                expected
-            ));
-        }
-    }};
-}
-
 struct Harness {
     model: Model,
     session: MiSession<u32>,
@@ -823,38 +784,17 @@ impl Harness {
     }
 }
 
-/// How often each outcome was seen, over all cases.
-type Tally = RefCell<BTreeMap<String, usize>>;
-
 /// Runs one sequence; on a mismatch, says at which step and shows the model.
 fn run_case(ops: &[Op], tally: &Tally) -> Result<(), TestCaseError> {
-    bugcheck::clear();
-    let mut harness = Harness::new();
-    for (n, op) in ops.iter().enumerate() {
-        let result = harness.step(op).and_then(|seen| {
-            harness.check()?;
-            Ok(seen)
-        });
-        match result {
-            Ok(seen) => {
-                let seen = seen.unwrap_or_else(|| {
-                    let name = format!("{op:?}");
-                    let name = name.split([' ', '{']).next().unwrap_or_default();
-                    format!("skipped: {name}")
-                });
-                *tally.borrow_mut().entry(seen).or_default() += 1;
-            }
-            Err(why) => {
-                return Err(TestCaseError::fail(format!(
-                    "step {n} {op:?}: {why}\nmodel after the step: {:#?}",
-                    harness.model
-                )))
-            }
-        }
-    }
-    harness
-        .finish()
-        .map_err(|why| TestCaseError::fail(format!("teardown: {why}")))
+    model_harness::run_sequence(
+        ops,
+        tally,
+        Harness::new,
+        Harness::step,
+        |harness| harness.check(),
+        |harness| &harness.model,
+        Harness::finish,
+    )
 }
 
 /// Outcomes the random sequences must reach (checked when at least [`DEFAULT_CASES`] run).
@@ -891,33 +831,6 @@ const MUST_SEE: &[&str] = &[
     "drop client",
     "shutdown",
 ];
-
-fn cases() -> u32 {
-    match std::env::var("RDBSS_MODEL_CASES") {
-        Ok(n) => n
-            .trim()
-            .replace('_', "")
-            .parse()
-            .unwrap_or_else(|_| panic!("RDBSS_MODEL_CASES={n:?} is not a number")),
-        Err(_) => DEFAULT_CASES,
-    }
-}
-
-/// `run_case`, with a panic counted as a failure.
-fn fails(ops: &[Op]) -> Option<String> {
-    let tally = Tally::default();
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_case(ops, &tally))) {
-        Ok(Ok(())) => None,
-        Ok(Err(why)) => Some(why.to_string()),
-        Err(panic) => Some(
-            panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "panic".to_string()),
-        ),
-    }
-}
 
 /// Simpler versions of one operation: smaller indices, Alice instead of Bob.
 fn simpler(op: &Op) -> Vec<Op> {
@@ -971,80 +884,16 @@ fn simpler(op: &Op) -> Vec<Op> {
     out
 }
 
-/// Shrinks a failing sequence further than proptest does, until nothing changes: removes
-/// operations one at a time, then tries [`simpler`] versions of each.
-fn minimize(mut ops: Vec<Op>, mut why: String) -> (Vec<Op>, String) {
-    loop {
-        let mut changed = false;
-        let mut i = ops.len();
-        while i > 0 {
-            i -= 1;
-            let mut shorter = ops.clone();
-            shorter.remove(i);
-            if let Some(still) = fails(&shorter) {
-                (ops, why, changed) = (shorter, still, true);
-                i = ops.len();
-            }
-        }
-        for i in 0..ops.len() {
-            for candidate in simpler(&ops[i]) {
-                let mut tried = ops.clone();
-                tried[i] = candidate;
-                if let Some(still) = fails(&tried) {
-                    (ops, why, changed) = (tried, still, true);
-                    break;
-                }
-            }
-        }
-        if !changed {
-            return (ops, why);
-        }
-    }
-}
-
-fn numbered(ops: &[Op]) -> String {
-    ops.iter()
-        .enumerate()
-        .map(|(n, op)| format!("  {n:2}: {op:?}\n"))
-        .collect()
-}
-
 #[test]
 fn mi_matches_the_model() {
-    let _record = RecordPolicy::take();
-    let mut runner = TestRunner::new(Config {
-        cases: cases(),
-        failure_persistence: None,
-        ..Config::default()
-    });
-    let strategy = prop::collection::vec(op_strategy(), 1..=MAX_OPS);
-    let tally = Tally::default();
-    match runner.run(&strategy, |ops| run_case(&ops, &tally)) {
-        Ok(()) => {}
-        Err(TestError::Fail(why, ops)) => {
-            let (ops, why) = minimize(ops, why.to_string());
-            panic!("{why}\n\nminimal failing sequence:\n{}", numbered(&ops))
-        }
-        Err(TestError::Abort(why)) => panic!("aborted: {why}"),
-    }
-    let tally = tally.into_inner();
-    for (outcome, n) in &tally {
-        eprintln!("{n:>9}  {outcome}");
-    }
-    if runner.config().cases >= DEFAULT_CASES {
-        let missing: Vec<_> = MUST_SEE
-            .iter()
-            .filter(|outcome| !tally.contains_key(**outcome))
-            .collect();
-        assert!(missing.is_empty(), "outcomes never reached: {missing:#?}");
-    }
+    let sequences = prop::collection::vec(op_strategy(), 1..=MAX_OPS);
+    model_harness::check_property(sequences, run_case, simpler, DEFAULT_CASES, MUST_SEE);
 }
 
 /// A fixed sequence through the main paths, so a broken model is caught even if the random
 /// cases miss a path.
 #[test]
 fn a_hand_written_sequence_matches_the_model() {
-    let _record = RecordPolicy::take();
     let ops = [
         Op::Start {
             who: Who::Alice,
@@ -1115,7 +964,5 @@ fn a_hand_written_sequence_matches_the_model() {
             invoke: false,
         },
     ];
-    if let Err(e) = run_case(&ops, &Tally::default()) {
-        panic!("{e}\n\nsequence:\n{}", numbered(&ops));
-    }
+    model_harness::check_sequence(&ops, run_case);
 }

@@ -3,6 +3,8 @@
 //! The bug-check policy, the counter and the ring of recent bug checks are process-wide, and the
 //! tests of one file run on parallel threads, so a test that switches the policy holds
 //! [`exclusive`]'s guard for its whole run.
+//!
+//! [`model_harness`] runs the model-based property tests (`tests/model*.rs`).
 
 #![allow(dead_code)]
 
@@ -10,6 +12,8 @@ use std::any::Any;
 use std::sync::{Mutex, MutexGuard};
 
 use rdbss::bugcheck::{self, BugCheckPolicy};
+
+pub mod model_harness;
 
 /// Serialises the tests of one test binary: they share the process-wide bug-check state.
 static LOCK: Mutex<()> = Mutex::new(());
