@@ -1,8 +1,10 @@
 //! Mounting: checks that give a clear error before anything is tried, the mount itself, serving
 //! until SIGINT or SIGTERM, and an unmount guard for tests.
 //!
-//! Root mounts with the `mount(2)` system call directly, so a machine with `/dev/fuse` needs
-//! nothing else installed; any other user mounts through `fusermount3` (FUSE 3's setuid helper).
+//! Mounts go through `fusermount3` (FUSE 3's setuid helper) when it is installed, also for root:
+//! fuse3 then reads `/dev/fuse` non-blocking on the runtime's threads. Root without `fusermount3`
+//! mounts with the `mount(2)` system call directly, so a machine with `/dev/fuse` needs nothing
+//! else installed to run the tests.
 //!
 //! Invariants:
 //! 1. [`preflight`] fails, naming what is missing, when `/dev/fuse` cannot be opened, when the
@@ -144,7 +146,11 @@ pub async fn mount<B: Backend>(
         .uid(current_uid())
         .gid(current_gid());
     let session = Session::new(options);
-    let mounted = if is_root() {
+    // Through fusermount3 whenever it is there, also for root: fuse3 then reads /dev/fuse
+    // non-blocking on the runtime's own threads (epoll), while its mount(2) path reads on a
+    // blocking-pool thread, one more thread hop for every request and every FUSE_INTERRUPT.
+    // Root without fusermount3 still mounts, with mount(2).
+    let mounted = if find_fusermount3().is_none() && is_root() {
         session.mount(fs, mountpoint).await
     } else {
         session.mount_with_unprivileged(fs, mountpoint).await
