@@ -68,62 +68,37 @@ pub(crate) type Mutex<T> = spin::Mutex<T>;
 #[cfg(not(any(loom, shuttle)))]
 pub(crate) type MutexGuard<'a, T> = spin::MutexGuard<'a, T>;
 
-/// Under shuttle the lock is shuttle's own mutex, so shuttle picks who gets it first (invariant
-/// 6); a spin loop would never yield to shuttle's scheduler.
+/// The checker whose mutex [`Mutex`] wraps under `--cfg loom` or `--cfg shuttle`.
+#[cfg(loom)]
+use loom::sync as checker;
 #[cfg(shuttle)]
-#[derive(Debug)]
-pub(crate) struct Mutex<T>(shuttle::sync::Mutex<T>);
-/// The guard of [`Mutex`].
-#[cfg(shuttle)]
-pub(crate) type MutexGuard<'a, T> = shuttle::sync::MutexGuard<'a, T>;
+use shuttle::sync as checker;
 
-#[cfg(shuttle)]
+/// Under loom (or shuttle) the lock is the checker's own mutex, so the checker explores (or
+/// picks) who gets it first (invariants 1 and 6); a spin loop would never yield to its scheduler.
+#[cfg(any(loom, shuttle))]
+#[derive(Debug)]
+pub(crate) struct Mutex<T>(checker::Mutex<T>);
+/// The guard of [`Mutex`].
+#[cfg(any(loom, shuttle))]
+pub(crate) type MutexGuard<'a, T> = checker::MutexGuard<'a, T>;
+
+#[cfg(any(loom, shuttle))]
 impl<T> Mutex<T> {
+    /// Shuttle's mutex has a `const` constructor, which `KSpinLock::new` needs outside loom.
+    #[cfg(shuttle)]
     pub(crate) const fn new(value: T) -> Self {
-        Self(shuttle::sync::Mutex::new(value))
+        Self(checker::Mutex::new(value))
     }
 
-    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-        // Poisoned only if a thread panicked holding it, which already fails the test.
-        self.0
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub(crate) fn try_lock(&self) -> Option<MutexGuard<'_, T>> {
-        self.0.try_lock().ok()
-    }
-
-    pub(crate) fn into_inner(self) -> T {
-        self.0
-            .into_inner()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    pub(crate) fn get_mut(&mut self) -> &mut T {
-        self.0
-            .get_mut()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-}
-
-/// Under loom the lock is loom's own mutex, so loom explores who gets it first (invariant 1).
-#[cfg(loom)]
-#[derive(Debug)]
-pub(crate) struct Mutex<T>(loom::sync::Mutex<T>);
-/// The guard of [`Mutex`].
-#[cfg(loom)]
-pub(crate) type MutexGuard<'a, T> = loom::sync::MutexGuard<'a, T>;
-
-#[cfg(loom)]
-impl<T> Mutex<T> {
+    #[cfg(loom)]
     pub(crate) fn new(value: T) -> Self {
-        Self(loom::sync::Mutex::new(value))
+        Self(checker::Mutex::new(value))
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
-        // A loom mutex is only poisoned if a thread panicked while holding it, and a panic
-        // already fails the loom test that caused it.
+        // Poisoned only if a thread panicked while holding it, and that panic already fails the
+        // test that caused it.
         self.0
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
